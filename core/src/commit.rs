@@ -1,0 +1,594 @@
+//! Group commit: every write (a local transaction, or changes received from
+//! elsewhere) becomes a [`Request`] queued here. Whichever waiting thread
+//! finds no commit in progress becomes the leader: it applies every queued
+//! request inside one redb write transaction, commits it with one (two-phase)
+//! fsync, then hands each request its outcome. Each request is still
+//! acknowledged only once it is durable; concurrent requests share the fsync.
+//!
+//! Within the batch each request is all-or-nothing on its own: it is first
+//! *prepared* (everything that can fail because of the request's content is
+//! checked, documents are merged in memory) and only then written. A request
+//! that fails to prepare leaves no row behind; a storage failure while writing
+//! fails the whole batch, which redb then rolls back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use redb::{ReadableTable, Table};
+
+use crate::contain;
+use crate::document;
+use crate::error::{ApplyError, CommitError, DocError, StorageError};
+use crate::feed::{CommitEvent, DocChange, Origin};
+use crate::replica::Shared;
+use crate::store::{self, DocRow};
+use crate::{DocId, Heads};
+
+/// The most requests one leader commits in one redb transaction.
+const MAX_BATCH: usize = 256;
+
+/// A document written by a local transaction.
+pub(crate) struct LocalWrite {
+    pub(crate) id: DocId,
+    pub(crate) space: String,
+    pub(crate) created: bool,
+    /// The heads the transaction's snapshot saw (empty for a creation).
+    pub(crate) base: Heads,
+    /// The transaction's working copy: `base` plus `changes`.
+    pub(crate) doc: Automerge,
+    /// The changes the transaction made, oldest first.
+    pub(crate) changes: Vec<Change>,
+}
+
+/// Changes for one document received from elsewhere, already parsed.
+pub(crate) struct RemoteWrite {
+    pub(crate) id: DocId,
+    pub(crate) space: String,
+    pub(crate) changes: Vec<Change>,
+}
+
+pub(crate) enum Request {
+    Local(Vec<LocalWrite>),
+    Remote(Origin, Vec<RemoteWrite>),
+}
+
+/// A request that changed at least one document.
+#[derive(Debug, Clone)]
+pub(crate) struct Committed {
+    pub(crate) seq: u64,
+    pub(crate) docs: Vec<DocChange>,
+}
+
+#[derive(Debug)]
+pub(crate) enum RequestError {
+    Commit(CommitError),
+    Apply(ApplyError),
+    Storage(StorageError),
+}
+
+impl From<RequestError> for CommitError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Commit(e) => e,
+            RequestError::Storage(e) => CommitError::Storage(e),
+            // Local requests never produce apply errors; keep the message.
+            RequestError::Apply(e) => CommitError::Merge {
+                id: DocId::from_bytes([0; 16]),
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<RequestError> for ApplyError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Apply(e) => e,
+            RequestError::Storage(e) => ApplyError::Storage(e),
+            RequestError::Commit(CommitError::Doc(e)) => ApplyError::Doc(e),
+            RequestError::Commit(CommitError::Storage(e)) => ApplyError::Storage(e),
+            RequestError::Commit(e) => ApplyError::Refused {
+                id: DocId::from_bytes([0; 16]),
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+type Outcome = Result<Option<Committed>, RequestError>;
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<(u64, Request)>,
+    done: HashMap<u64, Outcome>,
+    next_ticket: u64,
+    leader_busy: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Committer {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer").finish_non_exhaustive()
+    }
+}
+
+impl Committer {
+    /// Queues `request` and returns once it is durable, or has failed.
+    pub(crate) fn submit(&self, shared: &Shared, request: Request) -> Result<Option<Committed>, RequestError> {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.waiting.push((ticket, request));
+        loop {
+            if let Some(outcome) = queue.done.remove(&ticket) {
+                return outcome;
+            }
+            if queue.leader_busy {
+                queue = self.wake.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Lead: take what is queued (our own request among it, unless an
+            // earlier leader already took it) and commit it.
+            queue.leader_busy = true;
+            let take = queue.waiting.len().min(MAX_BATCH);
+            let batch: Vec<(u64, Request)> = queue.waiting.drain(..take).collect();
+            drop(queue);
+            let outcomes = run_batch(shared, batch);
+            queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.done.extend(outcomes);
+            queue.leader_busy = false;
+            self.wake.notify_all();
+        }
+    }
+}
+
+/// A document's state within the batch being committed.
+struct Current {
+    row: DocRow,
+    doc: Arc<Automerge>,
+}
+
+/// One document's rows to write.
+struct DocUpdate {
+    id: DocId,
+    row: DocRow,
+    /// Changes to append to the log.
+    log: Vec<Change>,
+    /// Pending changes to store, and to delete (now applied).
+    add_pending: Vec<Change>,
+    remove_pending: Vec<ChangeHash>,
+    doc: Automerge,
+    /// The heads changed (so it takes a feed entry and is announced).
+    changed: bool,
+}
+
+struct Tables<'txn> {
+    docs: Table<'txn, [u8; 16], &'static [u8]>,
+    snapshots: Table<'txn, [u8; 16], &'static [u8]>,
+    log: Table<'txn, ([u8; 16], u64), &'static [u8]>,
+    pending: Table<'txn, ([u8; 16], [u8; 32]), &'static [u8]>,
+    feed: Table<'txn, (u64, [u8; 16]), ()>,
+}
+
+fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)> {
+    let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
+    match commit_batch(shared, batch) {
+        Ok((outcomes, events, finished)) => {
+            for (id, current) in finished {
+                let weight = current.row.weight();
+                shared.cache.insert(id, current.row.heads(), current.doc, weight);
+            }
+            if !shared.subscribers.is_empty() {
+                for event in events {
+                    shared.subscribers.publish(Arc::new(event));
+                }
+            }
+            outcomes
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "group commit failed; every transaction in it was rolled back");
+            tickets
+                .into_iter()
+                .map(|t| (t, Err(RequestError::Storage(clone_storage_error(&e)))))
+                .collect()
+        }
+    }
+}
+
+fn clone_storage_error(e: &StorageError) -> StorageError {
+    StorageError::Damaged(format!("commit failed: {e}"))
+}
+
+type BatchResult = (Vec<(u64, Outcome)>, Vec<CommitEvent>, HashMap<DocId, Current>);
+
+fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResult, StorageError> {
+    let mut tx = shared.db.begin_write()?;
+    tx.set_two_phase_commit(shared.options.two_phase_commit);
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut events = Vec::new();
+    let mut finished: HashMap<DocId, Current> = HashMap::new();
+    {
+        let mut meta = tx.open_table(store::META)?;
+        let mut seq = match meta.get(store::META_SEQ)? {
+            Some(v) => store::u64_value(v.value())?,
+            None => return Err(StorageError::Damaged("no sequence number".into())),
+        };
+        let mut log_key = match meta.get(store::META_LOG)? {
+            Some(v) => store::u64_value(v.value())?,
+            None => return Err(StorageError::Damaged("no log counter".into())),
+        };
+        let mut tables = Tables {
+            docs: tx.open_table(store::DOCS)?,
+            snapshots: tx.open_table(store::SNAPSHOTS)?,
+            log: tx.open_table(store::LOG)?,
+            pending: tx.open_table(store::PENDING)?,
+            feed: tx.open_table(store::FEED)?,
+        };
+        for (ticket, request) in batch {
+            let (origin, prepared) = match request {
+                Request::Local(writes) => (Origin::Local, prepare_local(shared, &tables, &mut finished, writes)),
+                Request::Remote(origin, writes) => (origin, prepare_remote(shared, &tables, &mut finished, writes)),
+            };
+            let updates = match prepared {
+                Ok(updates) => updates,
+                Err(e) => {
+                    outcomes.push((ticket, Err(e)));
+                    continue;
+                }
+            };
+            let changed = updates.iter().any(|u| u.changed);
+            if changed {
+                seq += 1;
+            }
+            let mut docs = Vec::new();
+            for update in updates {
+                if update.changed {
+                    docs.push(DocChange {
+                        id: update.id,
+                        space: update.row.space.clone(),
+                        heads: Heads::from_raw(update.row.heads.clone()),
+                    });
+                }
+                let current = write_update(shared, &mut tables, &mut log_key, seq, update)?;
+                finished.insert(current.0, current.1);
+            }
+            if changed {
+                events.push(CommitEvent {
+                    seq,
+                    origin,
+                    docs: docs.clone(),
+                });
+                outcomes.push((ticket, Ok(Some(Committed { seq, docs }))));
+            } else {
+                outcomes.push((ticket, Ok(None)));
+            }
+        }
+        meta.insert(store::META_SEQ, seq.to_le_bytes().as_slice())?;
+        meta.insert(store::META_LOG, log_key.to_le_bytes().as_slice())?;
+    }
+    tx.commit()?;
+    Ok((outcomes, events, finished))
+}
+
+/// The current row and document of `id` within the batch: a document already
+/// written by an earlier request of the batch, else the stored one (from the
+/// cache when it holds that state; taken out of it, since it will change).
+fn current(
+    shared: &Shared,
+    tables: &Tables<'_>,
+    finished: &mut HashMap<DocId, Current>,
+    id: DocId,
+) -> Result<Option<Current>, DocError> {
+    if let Some(current) = finished.remove(&id) {
+        return Ok(Some(current));
+    }
+    let row = match tables.docs.get(*id.as_bytes()).map_err(StorageError::from)? {
+        Some(bytes) => DocRow::decode(id, bytes.value())?,
+        None => return Ok(None),
+    };
+    let heads = row.heads();
+    let doc = match shared.cache.take(id, &heads) {
+        Some(doc) => doc,
+        None => Arc::new(document::load(id, &row, &tables.snapshots, &tables.log)?),
+    };
+    Ok(Some(Current { row, doc }))
+}
+
+fn owned(doc: Arc<Automerge>) -> Automerge {
+    Arc::try_unwrap(doc).unwrap_or_else(|shared| (*shared).clone())
+}
+
+fn prepare_local(
+    shared: &Shared,
+    tables: &Tables<'_>,
+    finished: &mut HashMap<DocId, Current>,
+    writes: Vec<LocalWrite>,
+) -> Result<Vec<DocUpdate>, RequestError> {
+    let mut updates = Vec::with_capacity(writes.len());
+    // On failure, documents taken from `finished` must go back: restore them.
+    let mut taken: Vec<(DocId, Current)> = Vec::new();
+    let result = (|| {
+        for write in writes {
+            let existing = current(shared, tables, finished, write.id)
+                .map_err(|e| RequestError::Commit(e.into()))?;
+            let (row, doc) = match existing {
+                Some(cur) if write.created => {
+                    taken.push((write.id, cur));
+                    return Err(RequestError::Commit(CommitError::AlreadyExists(write.id)));
+                }
+                None if write.created => (
+                    DocRow {
+                        space: write.space.clone(),
+                        heads: Vec::new(),
+                        seq: 0,
+                        log_count: 0,
+                        log_bytes: 0,
+                        snapshot_bytes: 0,
+                        pending_count: 0,
+                    },
+                    write.doc,
+                ),
+                None => return Err(RequestError::Commit(DocError::NotFound(write.id).into())),
+                Some(cur) if cur.row.heads() == write.base => (cur.row, write.doc),
+                Some(cur) => {
+                    // Another transaction changed the document since this
+                    // one's snapshot: merge, as for a concurrent replica.
+                    let mut doc = owned(cur.doc);
+                    contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
+                        RequestError::Commit(CommitError::Merge { id: write.id, reason })
+                    })?;
+                    (cur.row, doc)
+                }
+            };
+            let mut row = row;
+            row.heads = Heads::new(doc.get_heads()).to_raw();
+            updates.push(DocUpdate {
+                id: write.id,
+                row,
+                log: write.changes,
+                add_pending: Vec::new(),
+                remove_pending: Vec::new(),
+                doc,
+                changed: true,
+            });
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(updates),
+        Err(e) => {
+            // Documents of earlier requests in this batch that this request
+            // took out of `finished` must stay as those requests left them.
+            for (id, cur) in taken {
+                finished.insert(id, cur);
+            }
+            for update in updates {
+                let _ = update;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    doc.get_change_meta_by_hash(hash).is_some()
+}
+
+fn prepare_remote(
+    shared: &Shared,
+    tables: &Tables<'_>,
+    finished: &mut HashMap<DocId, Current>,
+    writes: Vec<RemoteWrite>,
+) -> Result<Vec<DocUpdate>, RequestError> {
+    let mut updates = Vec::with_capacity(writes.len());
+    let mut restore: Vec<(DocId, Current)> = Vec::new();
+    let mut failure = None;
+    for write in writes {
+        match prepare_remote_doc(shared, tables, finished, write, &mut restore) {
+            Ok(Some(update)) => updates.push(update),
+            Ok(None) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    match failure {
+        None => Ok(updates),
+        Some(e) => {
+            // Put back the batch's earlier state of every document this
+            // request had taken; the documents it changed in memory are
+            // dropped (the cache and the store never saw them).
+            for (id, cur) in restore {
+                finished.insert(id, cur);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn prepare_remote_doc(
+    shared: &Shared,
+    tables: &Tables<'_>,
+    finished: &mut HashMap<DocId, Current>,
+    write: RemoteWrite,
+    restore: &mut Vec<(DocId, Current)>,
+) -> Result<Option<DocUpdate>, RequestError> {
+    let id = write.id;
+    let from_batch = finished.contains_key(&id);
+    let existing = current(shared, tables, finished, id).map_err(|e| RequestError::Apply(e.into()))?;
+    let (row, doc) = match existing {
+        Some(cur) => {
+            if cur.row.space != write.space {
+                let err = ApplyError::SpaceMismatch {
+                    id,
+                    existing: cur.row.space.clone(),
+                    claimed: write.space,
+                };
+                if from_batch {
+                    restore.push((id, cur));
+                }
+                return Err(RequestError::Apply(err));
+            }
+            if from_batch {
+                // Keep the batch's state to restore should this request fail.
+                restore.push((id, Current { row: cur.row.clone(), doc: Arc::clone(&cur.doc) }));
+            }
+            (cur.row, cur.doc)
+        }
+        None => (
+            DocRow {
+                space: write.space,
+                heads: Vec::new(),
+                seq: 0,
+                log_count: 0,
+                log_bytes: 0,
+                snapshot_bytes: 0,
+                pending_count: 0,
+            },
+            Arc::new(Automerge::new()),
+        ),
+    };
+    // Candidates: the incoming changes plus those already waiting for
+    // dependencies, minus what the document already has.
+    let mut stored_pending: Vec<Change> = Vec::new();
+    if row.pending_count > 0 {
+        let key = *id.as_bytes();
+        let mut raw = Vec::new();
+        for entry in tables
+            .pending
+            .range((key, [0u8; 32])..=(key, [0xff; 32]))
+            .map_err(|e| RequestError::Storage(e.into()))?
+        {
+            let (_, value) = entry.map_err(|e| RequestError::Storage(e.into()))?;
+            raw.push(value.value().to_vec());
+        }
+        stored_pending = contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(|reason| {
+            RequestError::Apply(ApplyError::Doc(DocError::Corrupt {
+                id,
+                reason: format!("pending changes: {reason}"),
+            }))
+        })?;
+    }
+    let stored_pending_hashes: Vec<ChangeHash> = stored_pending.iter().map(Change::hash).collect();
+    let mut seen = std::collections::HashSet::new();
+    let candidates: Vec<Change> = write
+        .changes
+        .into_iter()
+        .chain(stored_pending)
+        .filter(|c| seen.insert(c.hash()) && !has_change(&doc, &c.hash()))
+        .collect();
+    let new_incoming = candidates
+        .iter()
+        .any(|c| !stored_pending_hashes.contains(&c.hash()));
+    if !new_incoming {
+        // Nothing new: idempotent. Put the document back where it came from.
+        let cur = Current { row, doc };
+        if from_batch {
+            restore.retain(|(rid, _)| *rid != id);
+            finished.insert(id, cur);
+        } else if !cur.row.heads.is_empty() {
+            let weight = cur.row.weight();
+            shared.cache.insert(id, cur.row.heads(), cur.doc, weight);
+        }
+        return Ok(None);
+    }
+    let mut doc = owned(doc);
+    let before = Heads::new(doc.get_heads());
+    if let Err(reason) = contain::apply(&mut doc, candidates.clone()) {
+        return Err(RequestError::Apply(ApplyError::Refused { id, reason }));
+    }
+    let (applied, waiting): (Vec<Change>, Vec<Change>) =
+        candidates.into_iter().partition(|c| has_change(&doc, &c.hash()));
+    if waiting.len() > shared.options.max_pending_per_doc {
+        return Err(RequestError::Apply(ApplyError::TooManyPending {
+            id,
+            count: waiting.len(),
+        }));
+    }
+    let remove_pending: Vec<ChangeHash> = applied
+        .iter()
+        .map(Change::hash)
+        .filter(|h| stored_pending_hashes.contains(h))
+        .collect();
+    let add_pending: Vec<Change> = waiting
+        .into_iter()
+        .filter(|c| !stored_pending_hashes.contains(&c.hash()))
+        .collect();
+    let heads = Heads::new(doc.get_heads());
+    let mut row = row;
+    row.heads = heads.to_raw();
+    row.pending_count = row.pending_count + add_pending.len() as u32 - remove_pending.len() as u32;
+    Ok(Some(DocUpdate {
+        id,
+        row,
+        changed: heads != before,
+        log: applied,
+        add_pending,
+        remove_pending,
+        doc,
+    }))
+}
+
+/// Writes one document's rows, compacting its log into a new snapshot when
+/// past the threshold. Returns the document's state for the rest of the batch.
+fn write_update(
+    shared: &Shared,
+    tables: &mut Tables<'_>,
+    log_key: &mut u64,
+    seq: u64,
+    update: DocUpdate,
+) -> Result<(DocId, Current), StorageError> {
+    let DocUpdate {
+        id,
+        mut row,
+        log,
+        add_pending,
+        remove_pending,
+        doc,
+        changed,
+    } = update;
+    let key = *id.as_bytes();
+    for hash in &remove_pending {
+        tables.pending.remove((key, hash.0))?;
+    }
+    for change in &add_pending {
+        tables.pending.insert((key, change.hash().0), change.raw_bytes())?;
+    }
+    let added_bytes: u64 = log.iter().map(|c| c.raw_bytes().len() as u64).sum();
+    let log_count = row.log_count.saturating_add(log.len() as u32);
+    let log_bytes = row.log_bytes.saturating_add(added_bytes);
+    let options = &shared.options;
+    let compact = log_count >= options.compact_after_changes
+        || log_bytes > options.compact_after_bytes.max(row.snapshot_bytes);
+    if compact {
+        let snapshot = doc.save();
+        tables.snapshots.insert(key, snapshot.as_slice())?;
+        tables.log.retain_in((key, 0)..=(key, u64::MAX), |_, _| false)?;
+        row.snapshot_bytes = snapshot.len() as u64;
+        row.log_count = 0;
+        row.log_bytes = 0;
+    } else {
+        for change in &log {
+            tables.log.insert((key, *log_key), change.raw_bytes())?;
+            *log_key += 1;
+        }
+        row.log_count = log_count;
+        row.log_bytes = log_bytes;
+    }
+    if changed {
+        if row.seq > 0 {
+            tables.feed.remove((row.seq, key))?;
+        }
+        row.seq = seq;
+        tables.feed.insert((seq, key), ())?;
+    }
+    tables.docs.insert(key, row.encode().as_slice())?;
+    Ok((id, Current { row, doc: Arc::new(doc) }))
+}

@@ -1,0 +1,1 @@
+//! Runnable examples of Concord. The examples live under `examples/`.
