@@ -78,7 +78,11 @@ impl ActorLease {
 
 impl Drop for ActorLease {
     fn drop(&mut self) {
-        let mut guard = self.pool.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         guard.0.push(self.slot);
     }
 }

@@ -5,7 +5,6 @@
 //! reader at any snapshot can use it when the heads it sees match, and never
 //! sees a state from another snapshot.
 
-
 use std::sync::{Arc, Mutex, PoisonError};
 
 use automerge::Automerge;
@@ -90,21 +89,12 @@ impl DocCache {
         }
     }
 
-    /// Drops any cached state of this document.
-    pub(crate) fn forget(&self, id: DocId) {
-        let mut inner = self.lock();
-        if let Some(old) = inner.entries.pop(&id) {
-            inner.used -= old.weight;
-        }
-    }
-
     /// Approximate bytes held, and number of documents.
     pub(crate) fn usage(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.used, inner.entries.len())
     }
 }
-
 
 #[cfg(test)]
 mod tests {

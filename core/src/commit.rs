@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use automerge::{Automerge, Change, ChangeHash};
 use redb::{ReadableTable, Table};
 
 use crate::contain;
@@ -120,7 +120,11 @@ impl std::fmt::Debug for Committer {
 
 impl Committer {
     /// Queues `request` and returns once it is durable, or has failed.
-    pub(crate) fn submit(&self, shared: &Shared, request: Request) -> Result<Option<Committed>, RequestError> {
+    pub(crate) fn submit(
+        &self,
+        shared: &Shared,
+        request: Request,
+    ) -> Result<Option<Committed>, RequestError> {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
@@ -130,7 +134,10 @@ impl Committer {
                 return outcome;
             }
             if queue.leader_busy {
-                queue = self.wake.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                queue = self
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
             // Lead: take what is queued (our own request among it, unless an
@@ -182,7 +189,9 @@ fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)>
         Ok((outcomes, events, finished)) => {
             for (id, current) in finished {
                 let weight = current.row.weight();
-                shared.cache.insert(id, current.row.heads(), current.doc, weight);
+                shared
+                    .cache
+                    .insert(id, current.row.heads(), current.doc, weight);
             }
             if !shared.subscribers.is_empty() {
                 for event in events {
@@ -205,7 +214,11 @@ fn clone_storage_error(e: &StorageError) -> StorageError {
     StorageError::Damaged(format!("commit failed: {e}"))
 }
 
-type BatchResult = (Vec<(u64, Outcome)>, Vec<CommitEvent>, HashMap<DocId, Current>);
+type BatchResult = (
+    Vec<(u64, Outcome)>,
+    Vec<CommitEvent>,
+    HashMap<DocId, Current>,
+);
 
 fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResult, StorageError> {
     let mut tx = shared.db.begin_write()?;
@@ -232,8 +245,14 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
         };
         for (ticket, request) in batch {
             let (origin, prepared) = match request {
-                Request::Local(writes) => (Origin::Local, prepare_local(shared, &tables, &mut finished, writes)),
-                Request::Remote(origin, writes) => (origin, prepare_remote(shared, &tables, &mut finished, writes)),
+                Request::Local(writes) => (
+                    Origin::Local,
+                    prepare_local(shared, &tables, &mut finished, writes),
+                ),
+                Request::Remote(origin, writes) => (
+                    origin,
+                    prepare_remote(shared, &tables, &mut finished, writes),
+                ),
             };
             let updates = match prepared {
                 Ok(updates) => updates,
@@ -288,7 +307,11 @@ fn current(
     if let Some(current) = finished.remove(&id) {
         return Ok(Some(current));
     }
-    let row = match tables.docs.get(*id.as_bytes()).map_err(StorageError::from)? {
+    let row = match tables
+        .docs
+        .get(*id.as_bytes())
+        .map_err(StorageError::from)?
+    {
         Some(bytes) => DocRow::decode(id, bytes.value())?,
         None => return Ok(None),
     };
@@ -341,7 +364,10 @@ fn prepare_local(
                     // one's snapshot: merge, as for a concurrent replica.
                     let mut doc = owned(cur.doc);
                     contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
-                        RequestError::Commit(CommitError::Merge { id: write.id, reason })
+                        RequestError::Commit(CommitError::Merge {
+                            id: write.id,
+                            reason,
+                        })
                     })?;
                     (cur.row, doc)
                 }
@@ -422,7 +448,8 @@ fn prepare_remote_doc(
 ) -> Result<Option<DocUpdate>, RequestError> {
     let id = write.id;
     let from_batch = finished.contains_key(&id);
-    let existing = current(shared, tables, finished, id).map_err(|e| RequestError::Apply(e.into()))?;
+    let existing =
+        current(shared, tables, finished, id).map_err(|e| RequestError::Apply(e.into()))?;
     let (row, doc) = match existing {
         Some(cur) => {
             if cur.row.space != write.space {
@@ -438,7 +465,13 @@ fn prepare_remote_doc(
             }
             if from_batch {
                 // Keep the batch's state to restore should this request fail.
-                restore.push((id, Current { row: cur.row.clone(), doc: Arc::clone(&cur.doc) }));
+                restore.push((
+                    id,
+                    Current {
+                        row: cur.row.clone(),
+                        doc: Arc::clone(&cur.doc),
+                    },
+                ));
             }
             (cur.row, cur.doc)
         }
@@ -469,12 +502,13 @@ fn prepare_remote_doc(
             let (_, value) = entry.map_err(|e| RequestError::Storage(e.into()))?;
             raw.push(value.value().to_vec());
         }
-        stored_pending = contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(|reason| {
-            RequestError::Apply(ApplyError::Doc(DocError::Corrupt {
-                id,
-                reason: format!("pending changes: {reason}"),
-            }))
-        })?;
+        stored_pending =
+            contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(|reason| {
+                RequestError::Apply(ApplyError::Doc(DocError::Corrupt {
+                    id,
+                    reason: format!("pending changes: {reason}"),
+                }))
+            })?;
     }
     let stored_pending_hashes: Vec<ChangeHash> = stored_pending.iter().map(Change::hash).collect();
     let mut seen = std::collections::HashSet::new();
@@ -504,8 +538,9 @@ fn prepare_remote_doc(
     if let Err(reason) = contain::apply(&mut doc, candidates.clone()) {
         return Err(RequestError::Apply(ApplyError::Refused { id, reason }));
     }
-    let (applied, waiting): (Vec<Change>, Vec<Change>) =
-        candidates.into_iter().partition(|c| has_change(&doc, &c.hash()));
+    let (applied, waiting): (Vec<Change>, Vec<Change>) = candidates
+        .into_iter()
+        .partition(|c| has_change(&doc, &c.hash()));
     if waiting.len() > shared.options.max_pending_per_doc {
         return Err(RequestError::Apply(ApplyError::TooManyPending {
             id,
@@ -559,7 +594,9 @@ fn write_update(
         tables.pending.remove((key, hash.0))?;
     }
     for change in &add_pending {
-        tables.pending.insert((key, change.hash().0), change.raw_bytes())?;
+        tables
+            .pending
+            .insert((key, change.hash().0), change.raw_bytes())?;
     }
     let added_bytes: u64 = log.iter().map(|c| c.raw_bytes().len() as u64).sum();
     let log_count = row.log_count.saturating_add(log.len() as u32);
@@ -570,7 +607,9 @@ fn write_update(
     if compact {
         let snapshot = doc.save();
         tables.snapshots.insert(key, snapshot.as_slice())?;
-        tables.log.retain_in((key, 0)..=(key, u64::MAX), |_, _| false)?;
+        tables
+            .log
+            .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)?;
         row.snapshot_bytes = snapshot.len() as u64;
         row.log_count = 0;
         row.log_bytes = 0;
@@ -590,5 +629,11 @@ fn write_update(
         tables.feed.insert((seq, key), ())?;
     }
     tables.docs.insert(key, row.encode().as_slice())?;
-    Ok((id, Current { row, doc: Arc::new(doc) }))
+    Ok((
+        id,
+        Current {
+            row,
+            doc: Arc::new(doc),
+        },
+    ))
 }

@@ -16,7 +16,8 @@ use crate::store::describe_panic;
 
 /// Runs `f`, turning a panic into an error message.
 pub(crate) fn contained<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|p| format!("automerge panicked: {}", describe_panic(&*p)))
+    catch_unwind(AssertUnwindSafe(f))
+        .map_err(|p| format!("automerge panicked: {}", describe_panic(&*p)))
 }
 
 /// Parses one change; any error or panic is reported, never propagated.

@@ -105,7 +105,7 @@ pub enum TxError {
         /// The document.
         id: DocId,
         /// automerge's error.
-        source: automerge::AutomergeError,
+        source: Box<automerge::AutomergeError>,
     },
     /// A space name that is empty, too long, or has control characters.
     #[error("invalid space name {0:?}: expected 1 to 128 characters, no control characters")]

@@ -97,7 +97,9 @@ impl fmt::Display for NodeId {
             bits += 8;
             while bits >= 5 {
                 bits -= 5;
-                out.push(char::from(BASE32_ALPHABET[usize::from((buffer >> bits) & 31)]));
+                out.push(char::from(
+                    BASE32_ALPHABET[usize::from((buffer >> bits) & 31)],
+                ));
             }
         }
         if bits > 0 {

@@ -2,7 +2,7 @@
 //! counters as numbers, text as strings. Where concurrent writes left a
 //! conflict, the deterministic winner (the same on every replica) is shown.
 
-use automerge::{ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 use serde_json::{Map, Number, Value as Json};
 
 /// The whole document (its root map) as JSON, now or as of `heads`.

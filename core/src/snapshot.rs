@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use redb::ReadableTable;
+use redb::ReadableTableMetadata;
 
 use crate::document::{self, Document};
 use crate::error::{DocError, StorageError};
@@ -53,13 +53,23 @@ impl Snapshot {
 
     /// The loaded document for a row of this snapshot: from the cache when it
     /// holds exactly this state, otherwise rebuilt from the store and cached.
-    pub(crate) fn load(&self, id: DocId, row: &DocRow) -> Result<Arc<automerge::Automerge>, DocError> {
+    pub(crate) fn load(
+        &self,
+        id: DocId,
+        row: &DocRow,
+    ) -> Result<Arc<automerge::Automerge>, DocError> {
         let heads = row.heads();
         if let Some(doc) = self.shared.cache.get(id, &heads) {
             return Ok(doc);
         }
-        let snapshots = self.read.open_table(store::SNAPSHOTS).map_err(StorageError::from)?;
-        let log = self.read.open_table(store::LOG).map_err(StorageError::from)?;
+        let snapshots = self
+            .read
+            .open_table(store::SNAPSHOTS)
+            .map_err(StorageError::from)?;
+        let log = self
+            .read
+            .open_table(store::LOG)
+            .map_err(StorageError::from)?;
         let doc = Arc::new(document::load(id, row, &snapshots, &log)?);
         self.shared
             .cache
@@ -89,7 +99,11 @@ impl Snapshot {
     }
 
     /// Up to `limit` documents in id order, starting after `after`.
-    pub fn list(&self, after: Option<DocId>, limit: usize) -> Result<Vec<DocSummary>, StorageError> {
+    pub fn list(
+        &self,
+        after: Option<DocId>,
+        limit: usize,
+    ) -> Result<Vec<DocSummary>, StorageError> {
         let docs = self.read.open_table(store::DOCS)?;
         let mut out = Vec::new();
         let range = match after {
@@ -145,16 +159,19 @@ impl Snapshot {
         let feed = self.read.open_table(store::FEED)?;
         let docs = self.read.open_table(store::DOCS)?;
         let mut out = Vec::new();
-        for entry in feed.range((since.saturating_add(1), [0u8; 16])..)?.take(limit) {
+        for entry in feed
+            .range((since.saturating_add(1), [0u8; 16])..)?
+            .take(limit)
+        {
             let (key, ()) = {
                 let (k, _) = entry?;
                 (k.value(), ())
             };
             let (seq, raw_id) = key;
             let id = DocId::from_bytes(raw_id);
-            let row = docs
-                .get(raw_id)?
-                .ok_or_else(|| StorageError::Damaged(format!("feed names missing document {id}")))?;
+            let row = docs.get(raw_id)?.ok_or_else(|| {
+                StorageError::Damaged(format!("feed names missing document {id}"))
+            })?;
             let row = DocRow::decode(id, row.value())?;
             out.push(FeedEntry {
                 seq,

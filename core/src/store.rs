@@ -12,7 +12,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OpenError, StorageError};
@@ -96,7 +96,7 @@ fn builder(config: &StoreConfig) -> redb::Builder {
     builder
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn describe_panic(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -105,8 +105,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         "panic with a non-string payload".to_string()
     }
 }
-
-pub(crate) use panic_message as describe_panic;
 
 /// Opens (creating if absent) the redb file at `path` and checks that it is a
 /// Concord store of a known version, initialising an empty one.
@@ -118,8 +116,9 @@ pub(crate) fn open_file(path: &Path, config: &StoreConfig) -> Result<redb::Datab
     // redb panicked on some damaged files when opened without its integrity
     // check (FINDINGS.md); keep any panic that remains from unwinding into the
     // caller.
-    let opened = catch_unwind(AssertUnwindSafe(|| builder(config).create(path)))
-        .map_err(|p| OpenError::Damaged(format!("storage engine panicked: {}", panic_message(&*p))))?;
+    let opened = catch_unwind(AssertUnwindSafe(|| builder(config).create(path))).map_err(|p| {
+        OpenError::Damaged(format!("storage engine panicked: {}", describe_panic(&*p)))
+    })?;
     let db = match opened {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::AlreadyOpen),
@@ -135,7 +134,9 @@ pub(crate) fn open_file(path: &Path, config: &StoreConfig) -> Result<redb::Datab
             return Err(OpenError::Storage(StorageError::engine(e)));
         }
         Err(redb::DatabaseError::UpgradeRequired(v)) => {
-            return Err(not_a_store(format!("redb file format {v} is not supported")));
+            return Err(not_a_store(format!(
+                "redb file format {v} is not supported"
+            )));
         }
         Err(e) => return Err(OpenError::Damaged(e.to_string())),
     };
@@ -185,7 +186,7 @@ fn init_or_check(
             Some((format, version))
         }
         Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(redb::TableError::TableTypeMismatch(_)) => {
+        Err(redb::TableError::TableTypeMismatch { .. }) => {
             return Err(not_a_store("its meta table has another layout".into()));
         }
         Err(e) => return Err(StorageError::from(e).into()),
@@ -212,7 +213,9 @@ fn init_or_check(
             }
             Ok(db)
         }
-        Some(_) => Err(not_a_store("its meta table has no Concord format marker".into())),
+        Some(_) => Err(not_a_store(
+            "its meta table has no Concord format marker".into(),
+        )),
     }
 }
 

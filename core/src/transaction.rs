@@ -115,12 +115,13 @@ impl Transaction {
         if !valid_space(space) {
             return Err(TxError::InvalidSpace(space.chars().take(200).collect()));
         }
-        if self.writes.contains_key(&id) || self.snapshot.row(id).map_err(DocError::from)?.is_some() {
+        if self.writes.contains_key(&id) || self.snapshot.row(id).map_err(DocError::from)?.is_some()
+        {
             return Err(TxError::AlreadyExists(id));
         }
         let mut doc = Automerge::new().with_actor(self.lease.actor().clone());
-        let options = self.commit_options();
-        let (result, change) = make_change(&mut doc, id, options, true, init)?;
+        let stamp = self.stamp();
+        let (result, change) = make_change(&mut doc, id, &stamp, true, init)?;
         self.writes.insert(
             id,
             LocalWrite {
@@ -147,29 +148,32 @@ impl Transaction {
             let write = self.start_write(id)?;
             self.writes.insert(id, write);
         }
-        let options = self.commit_options();
+        let stamp = self.stamp();
         let write = self
             .writes
             .get_mut(&id)
             .ok_or(TxError::Doc(DocError::NotFound(id)))?;
-        let (result, change) = make_change(&mut write.doc, id, options, false, f)?;
+        let (result, change) = make_change(&mut write.doc, id, &stamp, false, f)?;
         write.changes.extend(change);
         Ok(result)
     }
 
-    fn commit_options(&self) -> CommitOptions {
-        let mut options = CommitOptions::default().with_time((self.shared.clock)());
-        if let Some(message) = &self.message {
-            options.set_message(message.clone());
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            time: (self.shared.clock)(),
+            message: self.message.clone(),
         }
-        options
     }
 
     /// A working copy of a document of the snapshot, owned by this
     /// transaction: taken out of the cache when it holds exactly this state
     /// (no copy), else copied or loaded.
     fn start_write(&self, id: DocId) -> Result<LocalWrite, TxError> {
-        let row = self.snapshot.row(id).map_err(DocError::from)?.ok_or(DocError::NotFound(id))?;
+        let row = self
+            .snapshot
+            .row(id)
+            .map_err(DocError::from)?
+            .ok_or(DocError::NotFound(id))?;
         let heads = row.heads();
         let shared_doc = match self.shared.cache.take(id, &heads) {
             Some(doc) => doc,
@@ -200,7 +204,10 @@ impl Transaction {
         // The snapshot's read transaction is not needed any more; let redb
         // reclaim its pages.
         drop(snapshot);
-        let writes: Vec<LocalWrite> = writes.into_values().filter(|w| !w.changes.is_empty()).collect();
+        let writes: Vec<LocalWrite> = writes
+            .into_values()
+            .filter(|w| !w.changes.is_empty())
+            .collect();
         if writes.is_empty() {
             return Ok(Receipt {
                 seq: None,
@@ -218,12 +225,28 @@ impl Transaction {
     }
 }
 
+/// The time and message recorded in a change.
+struct Stamp {
+    time: i64,
+    message: Option<String>,
+}
+
+impl Stamp {
+    fn options(&self) -> CommitOptions {
+        let options = CommitOptions::default().with_time(self.time);
+        match &self.message {
+            Some(message) => options.with_message(message.clone()),
+            None => options,
+        }
+    }
+}
+
 /// Runs `f` as one automerge transaction on `doc` and returns the change it
 /// made (for a creation, an empty change if `f` wrote nothing).
 fn make_change<R>(
     doc: &mut Automerge,
     id: DocId,
-    options: CommitOptions,
+    stamp: &Stamp,
     creating: bool,
     f: impl FnOnce(&mut AmTransaction<'_>) -> Result<R, AutomergeError>,
 ) -> Result<(R, Option<Change>), TxError> {
@@ -232,13 +255,16 @@ fn make_change<R>(
         Ok(result) => result,
         Err(source) => {
             tx.rollback();
-            return Err(TxError::Change { id, source });
+            return Err(TxError::Change {
+                id,
+                source: Box::new(source),
+            });
         }
     };
-    let (hash, _) = tx.commit_with(options.clone());
+    let (hash, _) = tx.commit_with(stamp.options());
     let hash = match hash {
         Some(hash) => Some(hash),
-        None if creating => Some(doc.empty_commit(options)),
+        None if creating => Some(doc.empty_commit(stamp.options())),
         None => None,
     };
     let change = match hash {

@@ -1,0 +1,331 @@
+//! [`Replica`]: one store, opened; the entry point of the crate.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::ReadableDatabase;
+
+use crate::DocId;
+use crate::actor::ActorPool;
+use crate::cache::DocCache;
+use crate::commit::{Committer, RemoteWrite, Request};
+use crate::contain;
+use crate::error::{ApplyError, CommitError, OpenError, StorageError};
+use crate::feed::{Origin, Subscribers, Subscription};
+use crate::snapshot::Snapshot;
+use crate::store::{self, StoreConfig};
+use crate::transaction::{Receipt, Transaction};
+
+/// The longest space name, in characters.
+pub const MAX_SPACE_LEN: usize = 128;
+
+/// The space of documents created without naming one.
+pub const DEFAULT_SPACE: &str = "default";
+
+/// Whether `space` is a valid space name: 1 to [`MAX_SPACE_LEN`] characters,
+/// none of them a control character.
+pub fn valid_space(space: &str) -> bool {
+    let mut count = 0;
+    for c in space.chars() {
+        if c.is_control() {
+            return false;
+        }
+        count += 1;
+        if count > MAX_SPACE_LEN {
+            return false;
+        }
+    }
+    count > 0
+}
+
+/// A clock giving seconds since the Unix epoch, recorded in each change.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+fn system_clock() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// How a replica is opened. Start from [`ReplicaOptions::default`] and change
+/// what you need.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ReplicaOptions {
+    /// Budget, in approximate resident bytes, of loaded documents kept in
+    /// memory (least recently used out first). Default 64 MiB.
+    pub cache_bytes: usize,
+    /// redb's page cache, in bytes. Default 32 MiB.
+    pub store_cache_bytes: usize,
+    /// Commit with redb's two-phase commit (two fsyncs; recommended by redb
+    /// when stored data can come from untrusted peers, since its checksums are
+    /// not collision resistant). Default `true`. With `false`, commits are
+    /// still durable, with one fsync, but a crafted page could be mistaken for
+    /// a valid commit after a crash.
+    pub two_phase_commit: bool,
+    /// Run redb's integrity check when opening a file (default `true`). A
+    /// damaged file is then an error rather than a possible panic or wrong
+    /// data; it costs about 100 ms per 136 MiB.
+    pub check_integrity: bool,
+    /// Fold a document's change log into its snapshot once it holds this many
+    /// changes (default 512).
+    pub compact_after_changes: u32,
+    /// … or once its log holds more bytes than this and than the snapshot
+    /// (default 64 KiB).
+    pub compact_after_bytes: u64,
+    /// The most received changes per document kept waiting for missing
+    /// dependencies (default 10,000); past it, [`Replica::apply`] refuses.
+    pub max_pending_per_doc: usize,
+    /// The clock recorded in changes (default: the system clock).
+    pub clock: Clock,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 << 20,
+            store_cache_bytes: 32 << 20,
+            two_phase_commit: true,
+            check_integrity: true,
+            compact_after_changes: 512,
+            compact_after_bytes: 64 << 10,
+            max_pending_per_doc: 10_000,
+            clock: Arc::new(system_clock),
+        }
+    }
+}
+
+impl std::fmt::Debug for ReplicaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaOptions")
+            .field("cache_bytes", &self.cache_bytes)
+            .field("store_cache_bytes", &self.store_cache_bytes)
+            .field("two_phase_commit", &self.two_phase_commit)
+            .field("check_integrity", &self.check_integrity)
+            .field("compact_after_changes", &self.compact_after_changes)
+            .field("compact_after_bytes", &self.compact_after_bytes)
+            .field("max_pending_per_doc", &self.max_pending_per_doc)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the replica shares between its handles, snapshots and transactions.
+pub(crate) struct Shared {
+    pub(crate) db: redb::Database,
+    pub(crate) cache: DocCache,
+    pub(crate) committer: Committer,
+    pub(crate) subscribers: Subscribers,
+    pub(crate) actors: Arc<ActorPool>,
+    pub(crate) options: ReplicaOptions,
+    pub(crate) clock: Clock,
+}
+
+/// Data for one document received from elsewhere (a peer, a file, an
+/// application's import), for [`Replica::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// The document.
+    pub id: DocId,
+    /// Its space. For a document the replica already has, it must match.
+    pub space: String,
+    /// The data.
+    pub data: IncomingData,
+}
+
+/// The bytes of an [`Incoming`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingData {
+    /// automerge changes, each in automerge's binary change format, in any
+    /// order.
+    Changes(Vec<Vec<u8>>),
+    /// A whole document in automerge's save format; its changes are merged.
+    Document(Vec<u8>),
+}
+
+/// An open replica: a redb file (or memory) holding automerge documents.
+///
+/// Cheap to clone; clones share one store, cache and commit queue, and may be
+/// used from many threads at once. Every call blocks (on disk I/O, and commits
+/// on fsync); async callers should run them on a blocking thread.
+///
+/// ```
+/// use concord_core::{Replica, automerge::{ROOT, ReadDoc, transaction::Transactable}};
+///
+/// let replica = Replica::in_memory()?;
+/// let mut tx = replica.begin()?;
+/// let (id, ()) = tx.create("default", |d| d.put(ROOT, "title", "hello"))?;
+/// tx.commit()?;
+///
+/// let doc = replica.read()?.get(id)?;
+/// let (title, _) = doc.automerge().get(ROOT, "title").unwrap().unwrap();
+/// assert_eq!(title.to_str(), Some("hello"));
+/// # Ok::<(), concord_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Replica {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replica {
+    /// Opens the store at `path`, creating it if it does not exist, with
+    /// default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_with(path, ReplicaOptions::default())
+    }
+
+    /// Opens the store at `path` with `options`.
+    ///
+    /// Errors: [`OpenError::NotAStore`] for a file that is not a Concord store,
+    /// [`OpenError::UnsupportedVersion`] for one of an unknown format version,
+    /// [`OpenError::Damaged`] for a damaged one, [`OpenError::AlreadyOpen`]
+    /// when another replica has it open. None of them changes the file.
+    pub fn open_with(path: impl AsRef<Path>, options: ReplicaOptions) -> Result<Self, OpenError> {
+        let db = store::open_file(path.as_ref(), &store_config(&options))?;
+        Ok(Self::from_db(db, options))
+    }
+
+    /// A replica in memory, with default options: for tests and simulation.
+    pub fn in_memory() -> Result<Self, OpenError> {
+        Self::in_memory_with(ReplicaOptions::default())
+    }
+
+    /// A replica in memory with `options`.
+    pub fn in_memory_with(options: ReplicaOptions) -> Result<Self, OpenError> {
+        let db = store::open_memory(&store_config(&options))?;
+        Ok(Self::from_db(db, options))
+    }
+
+    fn from_db(db: redb::Database, options: ReplicaOptions) -> Self {
+        // A fresh random actor base for every open: see `actor`.
+        let seed = *uuid::Uuid::new_v4().as_bytes();
+        Self {
+            shared: Arc::new(Shared {
+                db,
+                cache: DocCache::new(options.cache_bytes),
+                committer: Committer::default(),
+                subscribers: Subscribers::default(),
+                actors: Arc::new(ActorPool::new(seed)),
+                clock: Arc::clone(&options.clock),
+                options,
+            }),
+        }
+    }
+
+    /// A read snapshot of the whole replica as of the last commit.
+    ///
+    /// Fails only when the storage engine has failed (an earlier I/O error).
+    pub fn read(&self) -> Result<Snapshot, StorageError> {
+        let read = self.shared.db.begin_read()?;
+        Ok(Snapshot {
+            shared: Arc::clone(&self.shared),
+            read,
+        })
+    }
+
+    /// Begins a transaction reading from a snapshot taken now.
+    ///
+    /// Fails only when the storage engine has failed (an earlier I/O error).
+    pub fn begin(&self) -> Result<Transaction, StorageError> {
+        // Lease the actor before taking the snapshot, so the snapshot holds
+        // every committed change of the actor (see `actor`).
+        let lease = self.shared.actors.lease();
+        let snapshot = self.read()?;
+        Ok(Transaction {
+            shared: Arc::clone(&self.shared),
+            snapshot,
+            lease,
+            writes: Default::default(),
+            message: None,
+        })
+    }
+
+    /// Runs `f` in a new transaction and commits it if `f` returns `Ok`
+    /// (dropping it otherwise).
+    pub fn transact<R, E>(
+        &self,
+        f: impl FnOnce(&mut Transaction) -> Result<R, E>,
+    ) -> Result<(R, Receipt), E>
+    where
+        E: From<CommitError> + From<StorageError>,
+    {
+        let mut tx = self.begin()?;
+        let result = f(&mut tx)?;
+        let receipt = tx.commit()?;
+        Ok((result, receipt))
+    }
+
+    /// Applies data received from elsewhere, for one or many documents, in
+    /// one durable transaction: all of it or none.
+    ///
+    /// - Idempotent: changes the replica already has are skipped.
+    /// - Changes whose dependencies are missing are stored and applied when
+    ///   the dependencies arrive (in this call or a later one).
+    /// - Unknown documents are created in the given space; a known document's
+    ///   space must match.
+    /// - Bytes are parsed change by change, all or nothing, and any automerge
+    ///   panic is contained: bad data is an error and changes nothing.
+    ///
+    /// Returns the commit's feed sequence number and the changed documents
+    /// (`seq: None` when nothing changed).
+    pub fn apply(&self, origin: Origin, incoming: Vec<Incoming>) -> Result<Receipt, ApplyError> {
+        let mut writes = Vec::with_capacity(incoming.len());
+        for Incoming { id, space, data } in incoming {
+            if !valid_space(&space) {
+                return Err(ApplyError::InvalidSpace(space.chars().take(200).collect()));
+            }
+            let invalid = |reason: String| ApplyError::InvalidData { id, reason };
+            let changes = match data {
+                IncomingData::Changes(raw) => {
+                    contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(invalid)?
+                }
+                IncomingData::Document(bytes) => {
+                    let doc = contain::load(&bytes).map_err(invalid)?;
+                    contain::contained(|| doc.get_changes(&[])).map_err(invalid)?
+                }
+            };
+            writes.push(RemoteWrite { id, space, changes });
+        }
+        let committed = self
+            .shared
+            .committer
+            .submit(&self.shared, Request::Remote(origin, writes))?;
+        Ok(Receipt {
+            seq: committed.as_ref().map(|c| c.seq),
+            docs: committed.map(|c| c.docs).unwrap_or_default(),
+        })
+    }
+
+    /// Subscribes to commit events: every commit that changes a document,
+    /// local or received, is told to the subscription once durable, in commit
+    /// order. It buffers up to `capacity` events; a reader that falls further
+    /// behind gets [`crate::RecvError::Lagged`] and catches up from the feed.
+    pub fn subscribe(&self, capacity: usize) -> Subscription {
+        self.shared.subscribers.subscribe(capacity)
+    }
+
+    /// Approximate bytes and number of documents held in the document cache.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        self.shared.cache.usage()
+    }
+
+    /// The options this replica was opened with.
+    pub fn options(&self) -> &ReplicaOptions {
+        &self.shared.options
+    }
+}
+
+fn store_config(options: &ReplicaOptions) -> StoreConfig {
+    StoreConfig {
+        cache_bytes: options.store_cache_bytes,
+        check_integrity: options.check_integrity,
+    }
+}
