@@ -1,0 +1,631 @@
+//! Behaviour of the replica: isolation, atomicity, point-in-time reads, the
+//! change feed, subscriptions, applying received changes, actors, compaction.
+
+use std::time::Duration;
+
+use concord_core::automerge::transaction::Transactable;
+use concord_core::automerge::{ChangeHash, ROOT, ReadDoc};
+use concord_core::{
+    ApplyError, CommitError, DEFAULT_SPACE, DocError, DocId, Heads, Incoming, IncomingData, Origin,
+    RecvError, Replica, ReplicaOptions, TxError,
+};
+use serde_json::json;
+
+fn put_int(
+    key: &'static str,
+    value: i64,
+) -> impl FnOnce(
+    &mut concord_core::automerge::transaction::Transaction<'_>,
+) -> Result<(), concord_core::automerge::AutomergeError> {
+    move |d| d.put(ROOT, key, value)
+}
+
+fn create(replica: &Replica, key: &'static str, value: i64) -> DocId {
+    let mut tx = replica.begin().unwrap();
+    let (id, ()) = tx.create(DEFAULT_SPACE, put_int(key, value)).unwrap();
+    tx.commit().unwrap();
+    id
+}
+
+fn change(replica: &Replica, id: DocId, key: &'static str, value: i64) -> Heads {
+    let mut tx = replica.begin().unwrap();
+    tx.change(id, put_int(key, value)).unwrap();
+    tx.commit().unwrap().heads(id).unwrap().clone()
+}
+
+/// Every change of a document, in automerge's binary format.
+fn changes_of(replica: &Replica, id: DocId) -> Vec<Vec<u8>> {
+    let doc = replica.read().unwrap().get(id).unwrap();
+    doc.automerge()
+        .get_changes(&[])
+        .into_iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
+}
+
+fn incoming(id: DocId, changes: Vec<Vec<u8>>) -> Incoming {
+    Incoming {
+        id,
+        space: DEFAULT_SPACE.to_string(),
+        data: IncomingData::Changes(changes),
+    }
+}
+
+#[test]
+fn a_snapshot_never_sees_later_commits() {
+    let replica = Replica::in_memory().unwrap();
+    let a = create(&replica, "n", 1);
+    let before = replica.read().unwrap();
+    let tx_before = replica.begin().unwrap();
+
+    let mut tx = replica.begin().unwrap();
+    tx.change(a, put_int("n", 2)).unwrap();
+    let (b, ()) = tx.create(DEFAULT_SPACE, put_int("n", 3)).unwrap();
+    // Uncommitted writes are invisible to everyone else.
+    assert_eq!(
+        replica.read().unwrap().get(a).unwrap().to_json(),
+        json!({"n": 1})
+    );
+    // The transaction sees its own writes.
+    assert_eq!(tx.get(a).unwrap().to_json(), json!({"n": 2}));
+    tx.commit().unwrap();
+
+    for snapshot in [&before, tx_before.snapshot()] {
+        assert_eq!(snapshot.get(a).unwrap().to_json(), json!({"n": 1}));
+        assert!(matches!(snapshot.get(b), Err(DocError::NotFound(id)) if id == b));
+        assert_eq!(snapshot.seq().unwrap(), 1);
+        assert_eq!(snapshot.len().unwrap(), 1);
+    }
+    assert_eq!(tx_before.get(a).unwrap().to_json(), json!({"n": 1}));
+    let after = replica.read().unwrap();
+    assert_eq!(after.get(a).unwrap().to_json(), json!({"n": 2}));
+    assert_eq!(after.get(b).unwrap().to_json(), json!({"n": 3}));
+    assert_eq!(after.seq().unwrap(), 2);
+}
+
+#[test]
+fn a_failed_commit_stores_nothing_of_the_transaction() {
+    let replica = Replica::in_memory().unwrap();
+    let a = create(&replica, "n", 1);
+    let taken = DocId::random();
+
+    let mut loser = replica.begin().unwrap();
+    loser.change(a, put_int("n", 100)).unwrap();
+    loser
+        .create_with_id(taken, DEFAULT_SPACE, put_int("n", 1))
+        .unwrap();
+
+    let mut winner = replica.begin().unwrap();
+    winner
+        .create_with_id(taken, DEFAULT_SPACE, put_int("n", 2))
+        .unwrap();
+    winner.commit().unwrap();
+
+    let seq = replica.read().unwrap().seq().unwrap();
+    assert!(matches!(loser.commit(), Err(CommitError::AlreadyExists(id)) if id == taken));
+    let now = replica.read().unwrap();
+    assert_eq!(now.get(a).unwrap().to_json(), json!({"n": 1}));
+    assert_eq!(now.get(taken).unwrap().to_json(), json!({"n": 2}));
+    assert_eq!(now.seq().unwrap(), seq);
+}
+
+#[test]
+fn operations_in_a_transaction_report_errors_and_leave_it_usable() {
+    let replica = Replica::in_memory().unwrap();
+    let a = create(&replica, "n", 1);
+    let mut tx = replica.begin().unwrap();
+    assert!(matches!(
+        tx.change(DocId::random(), put_int("n", 1)),
+        Err(TxError::Doc(DocError::NotFound(_)))
+    ));
+    assert!(matches!(
+        tx.create(&"x".repeat(129), put_int("n", 1)),
+        Err(TxError::InvalidSpace(_))
+    ));
+    assert!(matches!(
+        tx.create("", put_int("n", 1)),
+        Err(TxError::InvalidSpace(_))
+    ));
+    assert!(matches!(
+        tx.create_with_id(a, DEFAULT_SPACE, put_int("n", 1)),
+        Err(TxError::AlreadyExists(_))
+    ));
+    // A change function that fails is rolled back; earlier changes stay.
+    tx.change(a, put_int("n", 2)).unwrap();
+    let failed = tx.change(a, |d| {
+        d.put(ROOT, "n", 3)?;
+        d.delete(&ROOT, 7usize)
+    });
+    assert!(matches!(failed, Err(TxError::Change { id, .. }) if id == a));
+    tx.commit().unwrap();
+    let doc = replica.read().unwrap().get(a).unwrap();
+    assert_eq!(doc.to_json(), json!({"n": 2}));
+    assert_eq!(doc.history().len(), 2);
+}
+
+#[test]
+fn concurrent_transactions_on_one_document_merge() {
+    let replica = Replica::in_memory().unwrap();
+    let a = create(&replica, "n", 0);
+    let mut t1 = replica.begin().unwrap();
+    let mut t2 = replica.begin().unwrap();
+    t1.change(a, put_int("x", 1)).unwrap();
+    t2.change(a, put_int("y", 2)).unwrap();
+    t2.change(a, |d| d.put(ROOT, "n", 2)).unwrap();
+    t1.change(a, |d| d.put(ROOT, "n", 1)).unwrap();
+    let r1 = t1.commit().unwrap();
+    let r2 = t2.commit().unwrap();
+    assert_eq!(r1.seq, Some(2));
+    assert_eq!(r2.seq, Some(3));
+    let doc = replica.read().unwrap().get(a).unwrap();
+    let value = doc.to_json();
+    assert_eq!(value["x"], 1);
+    assert_eq!(value["y"], 2);
+    // Both writes to "n" are kept as a conflict with a deterministic winner.
+    assert_eq!(doc.automerge().get_all(ROOT, "n").unwrap().len(), 2);
+    assert_eq!(doc.heads().len(), 2);
+    assert_eq!(r2.heads(a), Some(doc.heads()));
+}
+
+#[test]
+fn point_in_time_reads_and_history() {
+    let replica = Replica::in_memory().unwrap();
+    let id = {
+        let mut tx = replica.begin().unwrap();
+        tx.set_message("first");
+        let (id, ()) = tx.create(DEFAULT_SPACE, put_int("v", 1)).unwrap();
+        tx.commit().unwrap();
+        id
+    };
+    let h1 = replica.read().unwrap().get(id).unwrap().heads().clone();
+    let h2 = change(&replica, id, "v", 2);
+    let h3 = change(&replica, id, "w", 3);
+
+    let doc = replica.read().unwrap().get(id).unwrap();
+    assert_eq!(doc.heads(), &h3);
+    assert_eq!(doc.to_json_at(&h1).unwrap(), json!({"v": 1}));
+    assert_eq!(doc.to_json_at(&h2).unwrap(), json!({"v": 2}));
+    assert_eq!(doc.to_json_at(&h3).unwrap(), json!({"v": 2, "w": 3}));
+    let old = doc.fork_at(&h1).unwrap();
+    assert_eq!(concord_core::json::to_json(&old, None), json!({"v": 1}));
+    let v_at_h2 = doc
+        .automerge()
+        .get_at(ROOT, "v", h2.as_slice())
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(v_at_h2.as_i64(), Some(2));
+
+    let unknown = Heads::new(vec![ChangeHash([9; 32])]);
+    assert!(matches!(
+        doc.to_json_at(&unknown),
+        Err(DocError::UnknownHeads { .. })
+    ));
+    assert!(matches!(
+        doc.fork_at(&Heads::default()),
+        Err(DocError::UnknownHeads { .. })
+    ));
+
+    let history = doc.history();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0].message.as_deref(), Some("first"));
+    assert_eq!(history[0].seq, 1);
+    assert!(history[0].deps.is_empty());
+    assert_eq!(history[1].deps, h1);
+    assert_eq!(history[2].deps, h2);
+    assert_eq!(Heads::new(vec![history[2].hash.parse().unwrap()]), h3);
+    assert!(history.iter().all(|c| c.time > 1_600_000_000));
+    assert_eq!(history[0].actor.len(), 32);
+}
+
+#[test]
+fn the_clock_is_recorded_in_changes() {
+    let mut options = ReplicaOptions::default();
+    options.clock = std::sync::Arc::new(|| 1_234);
+    let replica = Replica::in_memory_with(options).unwrap();
+    let id = create(&replica, "v", 1);
+    let history = replica.read().unwrap().get(id).unwrap().history();
+    assert_eq!(history[0].time, 1_234);
+}
+
+#[test]
+fn the_feed_costs_only_the_documents_changed() {
+    let replica = Replica::in_memory().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let mut tx = replica.begin().unwrap();
+        for i in 0..1_000 {
+            ids.push(tx.create(DEFAULT_SPACE, put_int("i", i)).unwrap().0);
+        }
+        tx.commit().unwrap();
+    }
+    let snapshot = replica.read().unwrap();
+    assert_eq!(snapshot.len().unwrap(), 10_000);
+    let since = snapshot.seq().unwrap();
+    assert_eq!(since, 10);
+    assert_eq!(snapshot.changes_since(0, usize::MAX).unwrap().len(), 10_000);
+    drop(snapshot);
+
+    // Change 10 documents, one of them three times.
+    let changed: Vec<DocId> = ids.iter().step_by(997).copied().take(10).collect();
+    for (n, id) in changed.iter().enumerate() {
+        change(&replica, *id, "i", -1);
+        if n == 0 {
+            change(&replica, *id, "i", -2);
+            change(&replica, *id, "i", -3);
+        }
+    }
+    let snapshot = replica.read().unwrap();
+    let feed = snapshot.changes_since(since, usize::MAX).unwrap();
+    assert_eq!(feed.len(), 10);
+    let mut feed_ids: Vec<DocId> = feed.iter().map(|e| e.id).collect();
+    let mut expected = changed.clone();
+    feed_ids.sort();
+    expected.sort();
+    assert_eq!(feed_ids, expected);
+    // Oldest first; each entry carries its document's latest state.
+    assert!(feed.windows(2).all(|w| w[0].seq < w[1].seq));
+    let first = feed.iter().find(|e| e.id == changed[0]).unwrap();
+    assert_eq!(&first.heads, snapshot.get(changed[0]).unwrap().heads());
+    assert_eq!(snapshot.changes_since(since, 3).unwrap().len(), 3);
+    let last = feed.last().unwrap().seq;
+    assert!(snapshot.changes_since(last, usize::MAX).unwrap().is_empty());
+    // The whole feed still has one entry per document.
+    assert_eq!(snapshot.changes_since(0, usize::MAX).unwrap().len(), 10_000);
+}
+
+#[test]
+fn subscribers_are_told_of_each_commit() {
+    let replica = Replica::in_memory().unwrap();
+    let events = replica.subscribe(16);
+    let a = create(&replica, "n", 1);
+    let event = events.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(event.seq, 1);
+    assert_eq!(event.origin, Origin::Local);
+    assert_eq!(event.docs.len(), 1);
+    assert_eq!(event.docs[0].id, a);
+    assert_eq!(
+        &event.docs[0].heads,
+        replica.read().unwrap().get(a).unwrap().heads()
+    );
+
+    // Received changes are told with their origin.
+    let other = Replica::in_memory().unwrap();
+    other
+        .apply(Origin::Import, vec![incoming(a, changes_of(&replica, a))])
+        .unwrap();
+    let b = create(&other, "m", 2);
+    let peer = concord_core::NodeId::from_bytes([3; 32]);
+    replica
+        .apply(Origin::Peer(peer), vec![incoming(b, changes_of(&other, b))])
+        .unwrap();
+    let event = events.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(event.origin, Origin::Peer(peer));
+    assert_eq!(event.docs[0].id, b);
+
+    // A commit that changes nothing is not an event.
+    replica.begin().unwrap().commit().unwrap();
+    assert_eq!(events.try_recv().unwrap_err(), RecvError::Empty);
+
+    // A subscriber that falls behind is told, and memory stays bounded.
+    let slow = replica.subscribe(2);
+    for v in 0..5 {
+        change(&replica, a, "n", v);
+    }
+    assert_eq!(slow.try_recv().unwrap_err(), RecvError::Lagged);
+    assert!(slow.try_recv().is_ok());
+    assert!(slow.try_recv().is_ok());
+    assert_eq!(slow.try_recv().unwrap_err(), RecvError::Empty);
+    drop(replica);
+    for _ in 0..5 {
+        events.try_recv().unwrap();
+    }
+    assert_eq!(events.try_recv().unwrap_err(), RecvError::Closed);
+}
+
+#[test]
+fn applying_received_changes_is_idempotent_and_atomic() {
+    let source = Replica::in_memory().unwrap();
+    let a = create(&source, "n", 1);
+    change(&source, a, "n", 2);
+    let b = create(&source, "m", 1);
+    let target = Replica::in_memory().unwrap();
+
+    let batch = vec![
+        incoming(a, changes_of(&source, a)),
+        incoming(b, changes_of(&source, b)),
+    ];
+    let receipt = target.apply(Origin::Import, batch.clone()).unwrap();
+    assert_eq!(receipt.seq, Some(1));
+    assert_eq!(receipt.docs.len(), 2);
+    let snap = target.read().unwrap();
+    assert_eq!(snap.get(a).unwrap().to_json(), json!({"n": 2}));
+    assert_eq!(
+        snap.get(a).unwrap().heads(),
+        source.read().unwrap().get(a).unwrap().heads()
+    );
+    drop(snap);
+
+    // Again: nothing changes, no feed entry.
+    let again = target.apply(Origin::Import, batch).unwrap();
+    assert_eq!(again.seq, None);
+    assert!(again.docs.is_empty());
+    assert_eq!(target.read().unwrap().seq().unwrap(), 1);
+
+    // A batch with one bad document stores nothing of the good one.
+    change(&source, a, "n", 3);
+    let bad = vec![
+        incoming(a, changes_of(&source, a)),
+        incoming(b, vec![b"not a change".to_vec()]),
+    ];
+    assert!(matches!(
+        target.apply(Origin::Import, bad),
+        Err(ApplyError::InvalidData { id, .. }) if id == b
+    ));
+    assert_eq!(
+        target.read().unwrap().get(a).unwrap().to_json(),
+        json!({"n": 2})
+    );
+    assert_eq!(target.read().unwrap().seq().unwrap(), 1);
+
+    // A whole saved document merges too.
+    let saved = source.read().unwrap().get(a).unwrap().save();
+    let receipt = target
+        .apply(
+            Origin::Import,
+            vec![Incoming {
+                id: a,
+                space: DEFAULT_SPACE.into(),
+                data: IncomingData::Document(saved),
+            }],
+        )
+        .unwrap();
+    assert_eq!(receipt.seq, Some(2));
+    assert_eq!(
+        target.read().unwrap().get(a).unwrap().to_json(),
+        json!({"n": 3})
+    );
+}
+
+#[test]
+fn a_documents_space_is_fixed() {
+    let source = Replica::in_memory().unwrap();
+    let mut tx = source.begin().unwrap();
+    let (id, ()) = tx.create("team", put_int("n", 1)).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(source.read().unwrap().get(id).unwrap().space(), "team");
+    let target = Replica::in_memory().unwrap();
+    let mut data = incoming(id, changes_of(&source, id));
+    data.space = "team".into();
+    target.apply(Origin::Import, vec![data.clone()]).unwrap();
+    assert_eq!(target.read().unwrap().get(id).unwrap().space(), "team");
+    change(&source, id, "n", 2);
+    let mut wrong = incoming(id, changes_of(&source, id));
+    wrong.space = "other".into();
+    assert!(matches!(
+        target.apply(Origin::Import, vec![wrong]),
+        Err(ApplyError::SpaceMismatch { existing, claimed, .. }) if existing == "team" && claimed == "other"
+    ));
+    let mut invalid = data;
+    invalid.space = "bad\nspace".into();
+    assert!(matches!(
+        target.apply(Origin::Import, vec![invalid]),
+        Err(ApplyError::InvalidSpace(_))
+    ));
+}
+
+#[test]
+fn changes_with_missing_dependencies_wait_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let source = Replica::in_memory().unwrap();
+    let id = create(&source, "v", 1);
+    change(&source, id, "v", 2);
+    change(&source, id, "v", 3);
+    let all = changes_of(&source, id);
+    assert_eq!(all.len(), 3);
+
+    {
+        let target = Replica::open(&path).unwrap();
+        // The last two arrive first: nothing to show yet, but they are kept.
+        let receipt = target
+            .apply(Origin::Import, vec![incoming(id, all[1..].to_vec())])
+            .unwrap();
+        assert_eq!(receipt.seq, None);
+        assert!(matches!(
+            target.read().unwrap().get(id),
+            Err(DocError::NotFound(_))
+        ));
+        // Sending them again is still fine.
+        target
+            .apply(Origin::Import, vec![incoming(id, all[2..].to_vec())])
+            .unwrap();
+    }
+    let target = Replica::open(&path).unwrap();
+    let events = target.subscribe(4);
+    let receipt = target
+        .apply(Origin::Import, vec![incoming(id, all[..1].to_vec())])
+        .unwrap();
+    assert_eq!(receipt.seq, Some(1));
+    let doc = target.read().unwrap().get(id).unwrap();
+    assert_eq!(doc.to_json(), json!({"v": 3}));
+    assert_eq!(doc.heads(), source.read().unwrap().get(id).unwrap().heads());
+    assert_eq!(events.try_recv().unwrap().docs[0].heads, *doc.heads());
+
+    // Nothing is left waiting: a reopen shows the same and more changes
+    // apply normally.
+    drop((doc, events, target));
+    let target = Replica::open(&path).unwrap();
+    change(&source, id, "v", 4);
+    target
+        .apply(Origin::Import, vec![incoming(id, changes_of(&source, id))])
+        .unwrap();
+    assert_eq!(
+        target.read().unwrap().get(id).unwrap().to_json(),
+        json!({"v": 4})
+    );
+}
+
+#[test]
+fn too_many_waiting_changes_are_refused() {
+    let mut options = ReplicaOptions::default();
+    options.max_pending_per_doc = 3;
+    let target = Replica::in_memory_with(options).unwrap();
+    let source = Replica::in_memory().unwrap();
+    let id = create(&source, "v", 0);
+    for v in 1..=5 {
+        change(&source, id, "v", v);
+    }
+    let all = changes_of(&source, id);
+    target
+        .apply(Origin::Import, vec![incoming(id, all[1..4].to_vec())])
+        .unwrap();
+    assert!(matches!(
+        target.apply(Origin::Import, vec![incoming(id, all[4..].to_vec())]),
+        Err(ApplyError::TooManyPending { count: 5, .. })
+    ));
+    // The missing dependency still brings everything kept.
+    target
+        .apply(Origin::Import, vec![incoming(id, all[..1].to_vec())])
+        .unwrap();
+    assert_eq!(
+        target.read().unwrap().get(id).unwrap().to_json(),
+        json!({"v": 3})
+    );
+}
+
+/// A restored copy of the store and the original both write: their changes
+/// must never share an (actor, seq), or automerge would refuse to merge them.
+#[test]
+fn a_restored_copy_never_reuses_an_actor() {
+    let dir = tempfile::tempdir().unwrap();
+    let original_path = dir.path().join("original.redb");
+    let copy_path = dir.path().join("copy.redb");
+    let id = {
+        let replica = Replica::open(&original_path).unwrap();
+        let id = create(&replica, "v", 0);
+        change(&replica, id, "v", 1);
+        id
+    };
+    std::fs::copy(&original_path, &copy_path).unwrap();
+
+    // Each reopens (as after a crash) and makes the "next" change.
+    let original = Replica::open(&original_path).unwrap();
+    change(&original, id, "from_original", 1);
+    let copy = Replica::open(&copy_path).unwrap();
+    change(&copy, id, "from_copy", 1);
+
+    let actors = |r: &Replica| {
+        r.read()
+            .unwrap()
+            .get(id)
+            .unwrap()
+            .history()
+            .into_iter()
+            .map(|c| c.actor)
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (actors(&original), actors(&copy));
+    assert_eq!(a[..2], b[..2]);
+    assert_ne!(a[2], b[2]);
+    // No actor of an earlier open is reused after reopening.
+    assert!(!a[..2].contains(&a[2]));
+    assert!(!b[..2].contains(&b[2]));
+
+    original
+        .apply(Origin::Import, vec![incoming(id, changes_of(&copy, id))])
+        .unwrap();
+    copy.apply(
+        Origin::Import,
+        vec![incoming(id, changes_of(&original, id))],
+    )
+    .unwrap();
+    let (x, y) = (
+        original.read().unwrap().get(id).unwrap(),
+        copy.read().unwrap().get(id).unwrap(),
+    );
+    assert_eq!(x.heads(), y.heads());
+    assert_eq!(
+        x.to_json(),
+        json!({"v": 1, "from_original": 1, "from_copy": 1})
+    );
+    assert_eq!(x.to_json(), y.to_json());
+}
+
+#[test]
+fn compaction_keeps_content_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let mut options = ReplicaOptions::default();
+    options.compact_after_changes = 8;
+    let (id, heads_at_5) = {
+        let replica = Replica::open_with(&path, options.clone()).unwrap();
+        let id = create(&replica, "v", 0);
+        let mut heads_at_5 = None;
+        for v in 1..=50 {
+            let heads = change(&replica, id, "v", v);
+            if v == 5 {
+                heads_at_5 = Some(heads);
+            }
+        }
+        (id, heads_at_5.unwrap())
+    };
+    let replica = Replica::open_with(&path, options).unwrap();
+    let doc = replica.read().unwrap().get(id).unwrap();
+    assert_eq!(doc.to_json(), json!({"v": 50}));
+    assert_eq!(doc.history().len(), 51);
+    assert_eq!(doc.to_json_at(&heads_at_5).unwrap(), json!({"v": 5}));
+    let file_size = std::fs::metadata(&path).unwrap().len();
+    assert!(file_size > 0);
+}
+
+#[test]
+fn transact_commits_on_ok_and_discards_on_err() {
+    let replica = Replica::in_memory().unwrap();
+    let (id, receipt) = replica
+        .transact(|tx| -> Result<DocId, concord_core::Error> {
+            Ok(tx.create(DEFAULT_SPACE, put_int("n", 1))?.0)
+        })
+        .unwrap();
+    assert_eq!(receipt.seq, Some(1));
+    let failed: Result<((), _), concord_core::Error> = replica.transact(|tx| {
+        tx.change(id, put_int("n", 2))?;
+        Err(TxError::AlreadyExists(id).into())
+    });
+    assert!(failed.is_err());
+    assert_eq!(
+        replica.read().unwrap().get(id).unwrap().to_json(),
+        json!({"n": 1})
+    );
+}
+
+#[test]
+fn many_threads_commit_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(dir.path().join("store.redb")).unwrap();
+    let shared = create(&replica, "start", 0);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let replica = replica.clone();
+            std::thread::spawn(move || {
+                let own = create(&replica, "t", t);
+                for i in 0..25 {
+                    let mut tx = replica.begin().unwrap();
+                    tx.change(own, |d| d.put(ROOT, "i", i)).unwrap();
+                    tx.change(shared, |d| d.put(ROOT, format!("t{t}"), i))
+                        .unwrap();
+                    tx.commit().unwrap();
+                }
+                own
+            })
+        })
+        .collect();
+    let own: Vec<DocId> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let snap = replica.read().unwrap();
+    let shared_doc = snap.get(shared).unwrap().to_json();
+    for (t, id) in own.iter().enumerate() {
+        assert_eq!(snap.get(*id).unwrap().to_json()["i"], 24);
+        assert_eq!(shared_doc[format!("t{t}")], 24);
+    }
+    assert_eq!(snap.seq().unwrap(), 1 + 8 + 8 * 25);
+}
