@@ -146,7 +146,18 @@ impl Committer {
             let take = queue.waiting.len().min(MAX_BATCH);
             let batch: Vec<(u64, Request)> = queue.waiting.drain(..take).collect();
             drop(queue);
-            let outcomes = run_batch(shared, batch);
+            let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
+            // A panic here would be a bug in Concord or a dependency; it must
+            // not leave the queue without a leader. The write transaction is
+            // dropped uncommitted (redb rolls it back) and every request of
+            // the batch fails.
+            let outcomes = contain::contained(|| run_batch(shared, batch)).unwrap_or_else(|reason| {
+                tracing::error!(%reason, "group commit panicked; every transaction in it was rolled back");
+                tickets
+                    .into_iter()
+                    .map(|t| (t, Err(RequestError::Storage(StorageError::Damaged(format!("commit failed: {reason}"))))))
+                    .collect()
+            });
             queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             queue.done.extend(outcomes);
             queue.leader_busy = false;
@@ -188,6 +199,10 @@ fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)>
     match commit_batch(shared, batch) {
         Ok((outcomes, events, finished)) => {
             for (id, current) in finished {
+                if current.row.heads.is_empty() {
+                    // Only changes waiting for dependencies: nothing to read.
+                    continue;
+                }
                 let weight = current.row.weight();
                 shared
                     .cache
@@ -394,9 +409,6 @@ fn prepare_local(
             for (id, cur) in taken {
                 finished.insert(id, cur);
             }
-            for update in updates {
-                let _ = update;
-            }
             Err(e)
         }
     }
@@ -406,6 +418,9 @@ fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
     doc.get_change_meta_by_hash(hash).is_some()
 }
 
+/// Prepares one received batch. `writes` has at most one entry per document
+/// (see `Replica::apply`): updates are written only after the whole request
+/// is prepared, so a second entry would be prepared from the stale row.
 fn prepare_remote(
     shared: &Shared,
     tables: &Tables<'_>,
@@ -559,7 +574,12 @@ fn prepare_remote_doc(
     let heads = Heads::new(doc.get_heads());
     let mut row = row;
     row.heads = heads.to_raw();
-    row.pending_count = row.pending_count + add_pending.len() as u32 - remove_pending.len() as u32;
+    let added = u32::try_from(add_pending.len()).unwrap_or(u32::MAX);
+    let removed = u32::try_from(remove_pending.len()).unwrap_or(u32::MAX);
+    row.pending_count = row
+        .pending_count
+        .saturating_add(added)
+        .saturating_sub(removed);
     Ok(Some(DocUpdate {
         id,
         row,

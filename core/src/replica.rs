@@ -277,7 +277,8 @@ impl Replica {
     /// Returns the commit's feed sequence number and the changed documents
     /// (`seq: None` when nothing changed).
     pub fn apply(&self, origin: Origin, incoming: Vec<Incoming>) -> Result<Receipt, ApplyError> {
-        let mut writes = Vec::with_capacity(incoming.len());
+        let mut writes: Vec<RemoteWrite> = Vec::with_capacity(incoming.len());
+        let mut index: std::collections::HashMap<DocId, usize> = std::collections::HashMap::new();
         for Incoming { id, space, data } in incoming {
             if !valid_space(&space) {
                 return Err(ApplyError::InvalidSpace(space.chars().take(200).collect()));
@@ -292,7 +293,22 @@ impl Replica {
                     contain::contained(|| doc.get_changes(&[])).map_err(invalid)?
                 }
             };
-            writes.push(RemoteWrite { id, space, changes });
+            // One entry per document: the commit prepares every document of
+            // a request from the stored state before writing any of them.
+            match index.get(&id).map(|&i| &mut writes[i]) {
+                Some(write) if write.space != space => {
+                    return Err(ApplyError::SpaceMismatch {
+                        id,
+                        existing: write.space.clone(),
+                        claimed: space,
+                    });
+                }
+                Some(write) => write.changes.extend(changes),
+                None => {
+                    index.insert(id, writes.len());
+                    writes.push(RemoteWrite { id, space, changes });
+                }
+            }
         }
         let committed = self
             .shared
