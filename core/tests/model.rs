@@ -2,6 +2,7 @@
 //! gives the same state, and changes merged in any order give identical
 //! documents.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashSet};
 
 use concord_core::automerge::ROOT;
@@ -74,15 +75,16 @@ fn run_transaction(
         match *op {
             Op::Create { slot } => {
                 let result = tx.create_with_id(slot_id(slot), DEFAULT_SPACE, |_| Ok(()));
-                if working.contains_key(&slot) {
-                    assert!(
+                match working.entry(slot) {
+                    Entry::Occupied(_) => assert!(
                         matches!(result, Err(TxError::AlreadyExists(_))),
                         "{result:?}"
-                    );
-                } else {
-                    result.unwrap();
-                    working.insert(slot, BTreeMap::new());
-                    effective = true;
+                    ),
+                    Entry::Vacant(entry) => {
+                        result.unwrap();
+                        entry.insert(BTreeMap::new());
+                        effective = true;
+                    }
                 }
             }
             Op::Put { slot, key, value } => {
