@@ -2,6 +2,37 @@
 //! with multi-document ACID transactions, point-in-time reads and a change
 //! feed. No networking: `concord-node` syncs replicas with each other.
 //!
+//! # Example
+//!
+//! ```
+//! use concord_core::automerge::{ROOT, transaction::Transactable};
+//! use concord_core::{Replica, DEFAULT_SPACE};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let replica = Replica::open(dir.path().join("store.redb"))?;
+//!
+//! // Create two documents in one transaction.
+//! let mut tx = replica.begin()?;
+//! let (alice, ()) = tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "balance", 10))?;
+//! let (bob, ()) = tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "balance", 0))?;
+//! let first = tx.commit()?;
+//!
+//! // Move 5 from one to the other: both writes or neither.
+//! let mut tx = replica.begin()?;
+//! tx.change(alice, |d| d.put(ROOT, "balance", 5))?;
+//! tx.change(bob, |d| d.put(ROOT, "balance", 5))?;
+//! tx.commit()?;
+//!
+//! let now = replica.read()?;
+//! assert_eq!(now.get(alice)?.to_json()["balance"], 5);
+//! // Point-in-time read: Alice as of the first commit.
+//! let before = first.heads(alice).unwrap();
+//! assert_eq!(now.get(alice)?.to_json_at(before)?["balance"], 10);
+//! // Both documents changed after sequence number 1.
+//! assert_eq!(now.changes_since(1, 100)?.len(), 2);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Model
 //!
 //! - A [`Replica`] is one store: a redb file ([`Replica::open`]) or memory
@@ -50,37 +81,6 @@
 //! [`ReplicaOptions::cache_bytes`]; redb's page cache is bounded by
 //! [`ReplicaOptions::store_cache_bytes`]. Resident memory does not grow with
 //! the number of documents stored.
-//!
-//! # Example
-//!
-//! ```
-//! use concord_core::automerge::{ROOT, transaction::Transactable};
-//! use concord_core::{Replica, DEFAULT_SPACE};
-//!
-//! let dir = tempfile::tempdir()?;
-//! let replica = Replica::open(dir.path().join("store.redb"))?;
-//!
-//! // Create two documents in one transaction.
-//! let mut tx = replica.begin()?;
-//! let (alice, ()) = tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "balance", 10))?;
-//! let (bob, ()) = tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "balance", 0))?;
-//! let first = tx.commit()?;
-//!
-//! // Move 5 from one to the other: both writes or neither.
-//! let mut tx = replica.begin()?;
-//! tx.change(alice, |d| d.put(ROOT, "balance", 5))?;
-//! tx.change(bob, |d| d.put(ROOT, "balance", 5))?;
-//! tx.commit()?;
-//!
-//! let now = replica.read()?;
-//! assert_eq!(now.get(alice)?.to_json()["balance"], 5);
-//! // Point-in-time read: Alice as of the first commit.
-//! let before = first.heads(alice).unwrap();
-//! assert_eq!(now.get(alice)?.to_json_at(before)?["balance"], 10);
-//! // Both documents changed after sequence number 1.
-//! assert_eq!(now.changes_since(1, 100)?.len(), 2);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub, rustdoc::broken_intra_doc_links)]
