@@ -151,13 +151,8 @@ impl Committer {
             // not leave the queue without a leader. The write transaction is
             // dropped uncommitted (redb rolls it back) and every request of
             // the batch fails.
-            let outcomes = contain::contained(|| run_batch(shared, batch)).unwrap_or_else(|reason| {
-                tracing::error!(%reason, "group commit panicked; every transaction in it was rolled back");
-                tickets
-                    .into_iter()
-                    .map(|t| (t, Err(RequestError::Storage(StorageError::Damaged(format!("commit failed: {reason}"))))))
-                    .collect()
-            });
+            let outcomes = contain::contained(|| run_batch(shared, batch))
+                .unwrap_or_else(|reason| failed(tickets, StorageError::Panicked(reason)));
             queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             queue.done.extend(outcomes);
             queue.leader_busy = false;
@@ -215,18 +210,17 @@ fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)>
             }
             outcomes
         }
-        Err(e) => {
-            tracing::error!(error = %e, "group commit failed; every transaction in it was rolled back");
-            tickets
-                .into_iter()
-                .map(|t| (t, Err(RequestError::Storage(clone_storage_error(&e)))))
-                .collect()
-        }
+        Err(e) => failed(tickets, e),
     }
 }
 
-fn clone_storage_error(e: &StorageError) -> StorageError {
-    StorageError::Damaged(format!("commit failed: {e}"))
+/// Fails every request of a batch whose write transaction was rolled back.
+fn failed(tickets: Vec<u64>, error: StorageError) -> Vec<(u64, Outcome)> {
+    tracing::error!(%error, "group commit failed; every request in it was rolled back");
+    tickets
+        .into_iter()
+        .map(|t| (t, Err(RequestError::Storage(error.clone()))))
+        .collect()
 }
 
 type BatchResult = (

@@ -5,21 +5,28 @@ use std::path::PathBuf;
 use crate::{DocId, Heads};
 
 /// The storage engine (redb) failed, or a row in it could not be decoded.
-#[derive(Debug, thiserror::Error)]
+///
+/// Cloneable: one failed group commit fails every transaction in it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {
     /// redb reported an error (I/O, a damaged page, a closed database).
     #[error("storage engine error: {0}")]
-    Engine(#[from] Box<redb::Error>),
+    Engine(std::sync::Arc<redb::Error>),
     /// A row that Concord wrote could not be decoded: the file was altered or
     /// damaged outside Concord.
     #[error("damaged store: {0}")]
     Damaged(String),
+    /// A commit was abandoned because code inside it panicked (a bug in
+    /// Concord or a dependency, contained). The write transaction was rolled
+    /// back; the replica keeps working.
+    #[error("commit aborted by a contained panic: {0}")]
+    Panicked(String),
 }
 
 impl StorageError {
     pub(crate) fn engine(error: impl Into<redb::Error>) -> Self {
-        Self::Engine(Box::new(error.into()))
+        Self::Engine(std::sync::Arc::new(error.into()))
     }
 }
 
