@@ -23,7 +23,7 @@ use crate::error::{ApplyError, CommitError, DocError, StorageError};
 use crate::feed::{CommitEvent, DocChange, Origin};
 use crate::replica::Shared;
 use crate::store::{self, DocRow};
-use crate::{DocId, Heads};
+use crate::{DocId, Heads, NodeId};
 
 /// The most requests one leader commits in one redb transaction.
 const MAX_BATCH: usize = 256;
@@ -179,6 +179,9 @@ struct DocUpdate {
     doc: Automerge,
     /// The heads changed (so it takes a feed entry and is announced).
     changed: bool,
+    /// A peer that holds the document in exactly its new state: it sent
+    /// every change at the new heads (and so their dependencies).
+    known_to: Option<NodeId>,
 }
 
 struct Tables<'txn> {
@@ -186,7 +189,7 @@ struct Tables<'txn> {
     snapshots: Table<'txn, [u8; 16], &'static [u8]>,
     log: Table<'txn, ([u8; 16], u64), &'static [u8]>,
     pending: Table<'txn, ([u8; 16], [u8; 32]), &'static [u8]>,
-    feed: Table<'txn, (u64, [u8; 16]), ()>,
+    feed: Table<'txn, (u64, [u8; 16]), &'static [u8]>,
 }
 
 fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)> {
@@ -260,7 +263,7 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
                 ),
                 Request::Remote(origin, writes) => (
                     origin,
-                    prepare_remote(shared, &tables, &mut finished, writes),
+                    prepare_remote(shared, &tables, &mut finished, origin, writes),
                 ),
             };
             let updates = match prepared {
@@ -391,6 +394,7 @@ fn prepare_local(
                 remove_pending: Vec::new(),
                 doc,
                 changed: true,
+                known_to: None,
             });
         }
         Ok(())
@@ -419,13 +423,18 @@ fn prepare_remote(
     shared: &Shared,
     tables: &Tables<'_>,
     finished: &mut HashMap<DocId, Current>,
+    origin: Origin,
     writes: Vec<RemoteWrite>,
 ) -> Result<Vec<DocUpdate>, RequestError> {
     let mut updates = Vec::with_capacity(writes.len());
     let mut restore: Vec<(DocId, Current)> = Vec::new();
     let mut failure = None;
+    let peer = match origin {
+        Origin::Peer(peer) => Some(peer),
+        _ => None,
+    };
     for write in writes {
-        match prepare_remote_doc(shared, tables, finished, write, &mut restore) {
+        match prepare_remote_doc(shared, tables, finished, peer, write, &mut restore) {
             Ok(Some(update)) => updates.push(update),
             Ok(None) => {}
             Err(e) => {
@@ -452,6 +461,7 @@ fn prepare_remote_doc(
     shared: &Shared,
     tables: &Tables<'_>,
     finished: &mut HashMap<DocId, Current>,
+    peer: Option<NodeId>,
     write: RemoteWrite,
     restore: &mut Vec<(DocId, Current)>,
 ) -> Result<Option<DocUpdate>, RequestError> {
@@ -520,6 +530,8 @@ fn prepare_remote_doc(
             })?;
     }
     let stored_pending_hashes: Vec<ChangeHash> = stored_pending.iter().map(Change::hash).collect();
+    let incoming_hashes: std::collections::HashSet<ChangeHash> =
+        write.changes.iter().map(Change::hash).collect();
     let mut seen = std::collections::HashSet::new();
     let candidates: Vec<Change> = write
         .changes
@@ -574,10 +586,12 @@ fn prepare_remote_doc(
         .pending_count
         .saturating_add(added)
         .saturating_sub(removed);
+    let known_to = peer.filter(|_| heads.as_slice().iter().all(|h| incoming_hashes.contains(h)));
     Ok(Some(DocUpdate {
         id,
         row,
         changed: heads != before,
+        known_to,
         log: applied,
         add_pending,
         remove_pending,
@@ -602,6 +616,7 @@ fn write_update(
         remove_pending,
         doc,
         changed,
+        known_to,
     } = update;
     let key = *id.as_bytes();
     for hash in &remove_pending {
@@ -640,7 +655,11 @@ fn write_update(
             tables.feed.remove((row.seq, key))?;
         }
         row.seq = seq;
-        tables.feed.insert((seq, key), ())?;
+        let holder: &[u8] = match &known_to {
+            Some(peer) => peer.as_bytes(),
+            None => &[],
+        };
+        tables.feed.insert((seq, key), holder)?;
     }
     tables.docs.insert(key, row.encode().as_slice())?;
     Ok((

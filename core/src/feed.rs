@@ -58,6 +58,10 @@ pub struct FeedEntry {
     pub space: String,
     /// Its heads as of that commit.
     pub heads: Heads,
+    /// A peer known to hold the document in exactly this state: that
+    /// commit applied changes received from it, and every head is a change
+    /// it sent. Announcing the entry back to it would tell it nothing.
+    pub known_to: Option<NodeId>,
 }
 
 struct Subscriber {
@@ -171,4 +175,15 @@ impl std::fmt::Debug for Subscribers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscribers").finish_non_exhaustive()
     }
+}
+
+/// A page of the change feed (see [`crate::Snapshot::feed_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedPage {
+    /// The entries, oldest first.
+    pub entries: Vec<FeedEntry>,
+    /// The page covers the feed up to and including this number: the last
+    /// entry's number when the page is full, else the snapshot's last
+    /// sequence number.
+    pub up_to: u64,
 }

@@ -17,6 +17,11 @@ impl DocId {
         Self(uuid::Uuid::new_v4())
     }
 
+    /// A version 4 document id made from 16 random bytes.
+    pub fn from_random_bytes(bytes: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+
     /// The document id with these 16 bytes.
     pub const fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(uuid::Uuid::from_bytes(bytes))

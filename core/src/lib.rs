@@ -96,22 +96,26 @@ mod feed;
 mod heads;
 mod id;
 pub mod json;
+mod peer;
 mod replica;
 mod snapshot;
 mod store;
+mod sync_store;
 mod transaction;
 
 pub use automerge;
 
 pub use document::{ChangeInfo, Document};
 pub use error::{ApplyError, CommitError, DocError, Error, OpenError, StorageError, TxError};
-pub use feed::{CommitEvent, DocChange, FeedEntry, Origin, RecvError, Subscription};
+pub use feed::{CommitEvent, DocChange, FeedEntry, FeedPage, Origin, RecvError, Subscription};
 pub use heads::{Heads, ParseHeadsError};
 pub use id::{DocId, NodeId, ParseIdError};
+pub use peer::PeerProgress;
 pub use replica::{
-    Clock, DEFAULT_SPACE, Incoming, IncomingData, MAX_SPACE_LEN, Replica, ReplicaOptions,
+    Clock, DEFAULT_SPACE, Incoming, IncomingData, MAX_SPACE_LEN, Random, Replica, ReplicaOptions,
     valid_space,
 };
 pub use snapshot::{DocSummary, Snapshot};
 pub use store::FORMAT_VERSION;
+pub use sync_store::SyncStore;
 pub use transaction::{Receipt, Transaction};

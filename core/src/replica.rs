@@ -41,6 +41,13 @@ pub fn valid_space(space: &str) -> bool {
 /// A clock giving seconds since the Unix epoch, recorded in each change.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
+/// A source of 16 unpredictable bytes, for actor ids and new document ids.
+pub type Random = Arc<dyn Fn() -> [u8; 16] + Send + Sync>;
+
+fn system_random() -> [u8; 16] {
+    *uuid::Uuid::new_v4().as_bytes()
+}
+
 fn system_clock() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -79,6 +86,11 @@ pub struct ReplicaOptions {
     pub max_pending_per_doc: usize,
     /// The clock recorded in changes (default: the system clock).
     pub clock: Clock,
+    /// Where actor ids and new document ids come from (default: the
+    /// operating system's random generator). A deterministic simulation
+    /// passes a seeded generator; anything else must never give the same
+    /// bytes twice, or two opens of a store could share an actor.
+    pub random: Random,
 }
 
 impl Default for ReplicaOptions {
@@ -92,6 +104,7 @@ impl Default for ReplicaOptions {
             compact_after_bytes: 64 << 10,
             max_pending_per_doc: 10_000,
             clock: Arc::new(system_clock),
+            random: Arc::new(system_random),
         }
     }
 }
@@ -164,7 +177,7 @@ pub enum IncomingData {
 /// ```
 #[derive(Clone)]
 pub struct Replica {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -204,9 +217,20 @@ impl Replica {
         Ok(Self::from_db(db, options))
     }
 
+    /// A replica over any redb storage backend: for simulations and tests
+    /// that keep written and durable bytes apart to model crashes. The
+    /// backend may hold an existing store, or nothing.
+    pub fn open_backend(
+        backend: impl redb::StorageBackend,
+        options: ReplicaOptions,
+    ) -> Result<Self, OpenError> {
+        let db = store::open_backend(backend, &store_config(&options))?;
+        Ok(Self::from_db(db, options))
+    }
+
     fn from_db(db: redb::Database, options: ReplicaOptions) -> Self {
         // A fresh random actor base for every open: see `actor`.
-        let seed = *uuid::Uuid::new_v4().as_bytes();
+        let seed = (options.random)();
         Self {
             shared: Arc::new(Shared {
                 db,

@@ -6,10 +6,10 @@ use redb::ReadableTableMetadata;
 
 use crate::document::{self, Document};
 use crate::error::{DocError, StorageError};
-use crate::feed::FeedEntry;
+use crate::feed::{FeedEntry, FeedPage};
 use crate::replica::Shared;
 use crate::store::{self, DocRow};
-use crate::{DocId, Heads};
+use crate::{DocId, Heads, NodeId};
 
 /// A read view of the whole replica as of one commit. Every read through it
 /// sees the same state, whatever commits after it began; it never blocks a
@@ -152,6 +152,19 @@ impl Snapshot {
         }
     }
 
+    /// Up to `limit` feed entries after `since`, and how far in the feed they
+    /// reach: the next page starts after [`FeedPage::up_to`]. Entries are read
+    /// from this snapshot, so the pages of one snapshot cover the feed
+    /// without gaps.
+    pub fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError> {
+        let entries = self.changes_since(since, limit)?;
+        let up_to = match entries.last() {
+            Some(last) if entries.len() >= limit => last.seq,
+            _ => self.seq()?.max(since),
+        };
+        Ok(FeedPage { entries, up_to })
+    }
+
     /// Up to `limit` documents changed by commits after `since`, oldest first,
     /// each with the sequence number of the last commit that changed it.
     /// Costs O(entries returned): the feed keeps one entry per document.
@@ -163,11 +176,11 @@ impl Snapshot {
             .range((since.saturating_add(1), [0u8; 16])..)?
             .take(limit)
         {
-            let (key, ()) = {
-                let (k, _) = entry?;
-                (k.value(), ())
-            };
-            let (seq, raw_id) = key;
+            let (key, holder) = entry?;
+            let (seq, raw_id) = key.value();
+            let known_to = <[u8; 32]>::try_from(holder.value())
+                .ok()
+                .map(NodeId::from_bytes);
             let id = DocId::from_bytes(raw_id);
             let row = docs.get(raw_id)?.ok_or_else(|| {
                 StorageError::Damaged(format!("feed names missing document {id}"))
@@ -178,6 +191,7 @@ impl Snapshot {
                 id,
                 heads: row.heads(),
                 space: row.space,
+                known_to,
             });
         }
         Ok(out)

@@ -7,7 +7,9 @@
 //! | `snapshots` | doc id | automerge `save()` of the document as of its last compaction |
 //! | `log` | (doc id, log key) | one automerge change applied since the snapshot |
 //! | `pending` | (doc id, change hash) | a received change whose dependencies have not arrived |
-//! | `feed` | (feed number, doc id) | nothing — only each document's latest entry is kept |
+//! | `feed` | (feed number, doc id) | empty, or the 32-byte id of a peer known to hold the document in exactly this state — only each document's latest entry is kept |
+//! | `peers` | node id (32 bytes) | u64 LE: the checkpoint in that peer's feed |
+//! | `sync_states` | (node id, doc id) | automerge `sync::State::encode()` for that peer and document |
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -19,7 +21,7 @@ use crate::error::{OpenError, StorageError};
 use crate::{DocId, Heads};
 
 /// The on-disk format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub(crate) const FORMAT_MAGIC: &[u8] = b"concord-store";
 
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -29,7 +31,10 @@ pub(crate) const SNAPSHOTS: TableDefinition<'_, [u8; 16], &[u8]> =
 pub(crate) const LOG: TableDefinition<'_, ([u8; 16], u64), &[u8]> = TableDefinition::new("log");
 pub(crate) const PENDING: TableDefinition<'_, ([u8; 16], [u8; 32]), &[u8]> =
     TableDefinition::new("pending");
-pub(crate) const FEED: TableDefinition<'_, (u64, [u8; 16]), ()> = TableDefinition::new("feed");
+pub(crate) const FEED: TableDefinition<'_, (u64, [u8; 16]), &[u8]> = TableDefinition::new("feed");
+pub(crate) const PEERS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new("peers");
+pub(crate) const SYNC_STATES: TableDefinition<'_, ([u8; 32], [u8; 16]), &[u8]> =
+    TableDefinition::new("sync_states");
 
 pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_VERSION: &str = "version";
@@ -197,10 +202,36 @@ fn probe_read_only(
 
 /// Opens an in-memory store (nothing touches a disk).
 pub(crate) fn open_memory(config: &StoreConfig) -> Result<redb::Database, OpenError> {
-    let db = builder(config)
-        .create_with_backend(redb::backends::InMemoryBackend::new())
-        .map_err(|e| OpenError::Storage(StorageError::engine(e)))?;
-    initialise(&db)?;
+    open_backend(redb::backends::InMemoryBackend::new(), config)
+}
+
+/// Opens (initialising if empty) the store held by `backend`.
+pub(crate) fn open_backend(
+    backend: impl redb::StorageBackend,
+    config: &StoreConfig,
+) -> Result<redb::Database, OpenError> {
+    let not_a_store = |reason: String| OpenError::NotAStore {
+        path: "<storage backend>".into(),
+        reason,
+    };
+    let opened = catch_unwind(AssertUnwindSafe(|| {
+        builder(config).create_with_backend(backend)
+    }))
+    .map_err(|p| OpenError::Damaged(format!("storage engine panicked: {}", describe_panic(&*p))))?;
+    let db = match opened {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::AlreadyOpen),
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
+            return Err(OpenError::Storage(StorageError::engine(e)));
+        }
+        Err(e) => return Err(OpenError::Damaged(e.to_string())),
+    };
+    let read = db.begin_read().map_err(StorageError::from)?;
+    let layout = inspect(&read, &not_a_store)?;
+    drop(read);
+    if layout == Layout::Empty {
+        initialise(&db)?;
+    }
     Ok(db)
 }
 
@@ -287,6 +318,8 @@ fn initialise(db: &redb::Database) -> Result<(), StorageError> {
         tx.open_table(LOG)?;
         tx.open_table(PENDING)?;
         tx.open_table(FEED)?;
+        tx.open_table(PEERS)?;
+        tx.open_table(SYNC_STATES)?;
     }
     tx.commit()?;
     Ok(())

@@ -101,7 +101,7 @@ impl Transaction {
         space: &str,
         init: impl FnOnce(&mut AmTransaction<'_>) -> Result<R, AutomergeError>,
     ) -> Result<(DocId, R), TxError> {
-        let id = DocId::random();
+        let id = DocId::from_random_bytes((self.shared.options.random)());
         self.create_with_id(id, space, init).map(|r| (id, r))
     }
 

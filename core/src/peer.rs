@@ -1,0 +1,75 @@
+//! What a replica remembers about each peer it syncs with: its checkpoint in
+//! the peer's change feed, and automerge sync states per document.
+//!
+//! Both are optimisations of what must be resent after a reconnect, never a
+//! source of truth: losing them costs bytes, not data. They are written with
+//! redb's non-durable commits (made durable by the next durable commit), since
+//! a checkpoint that rolls back after a crash only makes the peer announce a
+//! little more, while one that claimed more than is durable would lose data;
+//! and a checkpoint only ever covers documents already durably stored.
+
+use redb::Durability;
+
+use crate::error::StorageError;
+use crate::replica::Replica;
+use crate::snapshot::Snapshot;
+use crate::store;
+use crate::{DocId, NodeId};
+
+/// Progress of a sync session with one peer, to remember.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// The new checkpoint in the peer's change feed: every document the peer
+    /// announced up to this number is durably stored here in (at least) the
+    /// announced state. `None` leaves the checkpoint as it is.
+    pub checkpoint: Option<u64>,
+    /// Encoded automerge sync states (`sync::State::encode`) to keep, per
+    /// document.
+    pub sync_states: Vec<(DocId, Vec<u8>)>,
+}
+
+impl Snapshot {
+    /// The checkpoint in `peer`'s change feed (0 for a peer never synced).
+    pub fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError> {
+        let peers = self.read.open_table(store::PEERS)?;
+        Ok(peers.get(*peer.as_bytes())?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// The sync state kept for `peer` and `doc`, if any.
+    pub fn sync_state(&self, peer: &NodeId, doc: DocId) -> Result<Option<Vec<u8>>, StorageError> {
+        let states = self.read.open_table(store::SYNC_STATES)?;
+        Ok(states
+            .get((*peer.as_bytes(), *doc.as_bytes()))?
+            .map(|v| v.value().to_vec()))
+    }
+}
+
+impl Replica {
+    /// Remembers a sync session's progress with `peer` (see [`PeerProgress`]).
+    /// The write is not itself durable: it becomes durable with the next
+    /// durable commit, and a crash before that rolls it back, which is safe.
+    pub fn save_peer_progress(
+        &self,
+        peer: &NodeId,
+        progress: &PeerProgress,
+    ) -> Result<(), StorageError> {
+        if progress.checkpoint.is_none() && progress.sync_states.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.shared.db.begin_write()?;
+        tx.set_durability(Durability::None)
+            .map_err(StorageError::engine)?;
+        {
+            if let Some(checkpoint) = progress.checkpoint {
+                let mut peers = tx.open_table(store::PEERS)?;
+                peers.insert(*peer.as_bytes(), checkpoint)?;
+            }
+            let mut states = tx.open_table(store::SYNC_STATES)?;
+            for (doc, state) in &progress.sync_states {
+                states.insert((*peer.as_bytes(), *doc.as_bytes()), state.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! [`SyncStore`]: the narrow view of a replica that a sync session needs.
+//!
+//! `concord-sync-protocol` drives sessions against this trait, so that it
+//! depends on nothing of the replica but these operations, and tests can put
+//! a fault-injecting store behind a session.
+
+use crate::error::{ApplyError, DocError, StorageError};
+use crate::feed::{FeedPage, Origin};
+use crate::peer::PeerProgress;
+use crate::replica::{Incoming, Replica};
+use crate::transaction::Receipt;
+use crate::{DocId, Document, NodeId};
+
+/// What a sync session reads from and writes to its replica.
+pub trait SyncStore {
+    /// A page of the change feed after `since` (see
+    /// [`crate::Snapshot::feed_page`]).
+    fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError>;
+
+    /// The document as last committed, `None` if the replica does not have it.
+    fn document(&self, id: DocId) -> Result<Option<Document>, DocError>;
+
+    /// The checkpoint in `peer`'s change feed.
+    fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError>;
+
+    /// The sync state kept for `peer` and `doc`.
+    fn sync_state(&self, peer: &NodeId, doc: DocId) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Applies received changes in one durable transaction (see
+    /// [`Replica::apply`]).
+    fn apply(&self, origin: Origin, incoming: Vec<Incoming>) -> Result<Receipt, ApplyError>;
+
+    /// Remembers a session's progress (see [`Replica::save_peer_progress`]).
+    fn save_peer_progress(
+        &self,
+        peer: &NodeId,
+        progress: &PeerProgress,
+    ) -> Result<(), StorageError>;
+}
+
+impl SyncStore for Replica {
+    fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError> {
+        self.read()?.feed_page(since, limit)
+    }
+
+    fn document(&self, id: DocId) -> Result<Option<Document>, DocError> {
+        match self.read()?.get(id) {
+            Ok(doc) => Ok(Some(doc)),
+            Err(DocError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError> {
+        self.read()?.peer_checkpoint(peer)
+    }
+
+    fn sync_state(&self, peer: &NodeId, doc: DocId) -> Result<Option<Vec<u8>>, StorageError> {
+        self.read()?.sync_state(peer, doc)
+    }
+
+    fn apply(&self, origin: Origin, incoming: Vec<Incoming>) -> Result<Receipt, ApplyError> {
+        Replica::apply(self, origin, incoming)
+    }
+
+    fn save_peer_progress(
+        &self,
+        peer: &NodeId,
+        progress: &PeerProgress,
+    ) -> Result<(), StorageError> {
+        Replica::save_peer_progress(self, peer, progress)
+    }
+}
