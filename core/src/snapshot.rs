@@ -152,14 +152,21 @@ impl Snapshot {
         }
     }
 
-    /// Up to `limit` feed entries after `since`, and how far in the feed they
-    /// reach: the next page starts after [`FeedPage::up_to`]. Entries are read
-    /// from this snapshot, so the pages of one snapshot cover the feed
-    /// without gaps.
+    /// About `limit` feed entries after `since`, and how far in the feed they
+    /// reach: the next page starts after [`FeedPage::up_to`]. A page holds
+    /// every entry of each sequence number it reaches (one commit may change
+    /// many documents), so it may exceed `limit`; pages never leave a gap.
     pub fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError> {
-        let entries = self.changes_since(since, limit)?;
+        let limit = limit.max(1);
+        let mut entries = self.changes_since(since, limit)?;
         let up_to = match entries.last() {
-            Some(last) if entries.len() >= limit => last.seq,
+            Some(last) if entries.len() >= limit => {
+                let seq = last.seq;
+                // Complete the last commit's entries: read its whole group.
+                entries.retain(|e| e.seq != seq);
+                entries.extend(self.entries_between(seq, seq, usize::MAX)?);
+                seq
+            }
             _ => self.seq()?.max(since),
         };
         Ok(FeedPage { entries, up_to })
@@ -169,11 +176,24 @@ impl Snapshot {
     /// each with the sequence number of the last commit that changed it.
     /// Costs O(entries returned): the feed keeps one entry per document.
     pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StorageError> {
+        match since.checked_add(1) {
+            Some(first) => self.entries_between(first, u64::MAX, limit),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Up to `limit` feed entries with sequence numbers in `first..=last`.
+    fn entries_between(
+        &self,
+        first: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<Vec<FeedEntry>, StorageError> {
         let feed = self.read.open_table(store::FEED)?;
         let docs = self.read.open_table(store::DOCS)?;
         let mut out = Vec::new();
         for entry in feed
-            .range((since.saturating_add(1), [0u8; 16])..)?
+            .range((first, [0u8; 16])..=(last, [0xffu8; 16]))?
             .take(limit)
         {
             let (key, holder) = entry?;

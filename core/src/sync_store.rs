@@ -9,7 +9,7 @@ use crate::feed::{FeedPage, Origin};
 use crate::peer::PeerProgress;
 use crate::replica::{Incoming, Replica};
 use crate::transaction::Receipt;
-use crate::{DocId, Document, NodeId};
+use crate::{DocId, DocSummary, Document, NodeId};
 
 /// What a sync session reads from and writes to its replica.
 pub trait SyncStore {
@@ -19,6 +19,9 @@ pub trait SyncStore {
 
     /// The document as last committed, `None` if the replica does not have it.
     fn document(&self, id: DocId) -> Result<Option<Document>, DocError>;
+
+    /// The document's space and heads without loading it.
+    fn summary(&self, id: DocId) -> Result<Option<DocSummary>, StorageError>;
 
     /// The checkpoint in `peer`'s change feed.
     fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError>;
@@ -49,6 +52,10 @@ impl SyncStore for Replica {
             Err(DocError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    fn summary(&self, id: DocId) -> Result<Option<DocSummary>, StorageError> {
+        self.read()?.summary(id)
     }
 
     fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError> {

@@ -153,3 +153,21 @@ fn a_seeded_random_source_makes_ids_and_actors_repeatable() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn a_feed_page_never_splits_one_commit() {
+    let replica = Replica::in_memory().expect("open");
+    let mut tx = replica.begin().expect("begin");
+    for i in 0..5 {
+        tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "k", i))
+            .expect("create");
+    }
+    tx.commit().expect("commit");
+    create(&replica, "k", 9);
+    let page = replica.feed_page(0, 2).expect("page");
+    assert_eq!(page.entries.len(), 5);
+    assert_eq!(page.up_to, 1);
+    let next = replica.feed_page(page.up_to, 2).expect("page");
+    assert_eq!(next.entries.len(), 1);
+    assert_eq!(next.up_to, 2);
+}

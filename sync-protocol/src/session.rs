@@ -1,0 +1,1235 @@
+//! [`Session`]: the protocol state machine for one connected peer, sans IO.
+//!
+//! # Driving a session
+//!
+//! The driver owns the transport (one ordered, reliable byte stream each
+//! way) and the replica. It creates the session when the connection is
+//! authenticated, then, in any order:
+//!
+//! - [`Session::handle_input`] with bytes read from the stream;
+//! - [`Session::handle_feed`] whenever the replica committed anything (its
+//!   subscription fired): the session announces from the feed;
+//! - [`Session::handle_timeout`] once [`Session::poll_timeout`] has passed;
+//! - [`Session::handle_disconnect`] when the connection is lost, or
+//!   [`Session::close`] to end it.
+//!
+//! After each call it drains [`Session::poll_transmit`] into the stream
+//! (which is also where the session reads more of the feed, so a slow stream
+//! slows the reading), then [`Session::poll_event`]. It reads more input only
+//! while [`Session::wants_input`] holds, which bounds what the session
+//! buffers. Once [`Session::is_closed`] and the transmit queue is empty, the
+//! driver closes the connection.
+//!
+//! # Flows
+//!
+//! Each side subscribes to the other's change feed from its checkpoint for
+//! that peer and is sent announcements `(document, space, heads)` covering
+//! contiguous ranges of the feed, paced by credit. A document whose announced
+//! heads the replica lacks is reconciled with automerge's sync protocol, up to
+//! [`SessionConfig::max_docs_in_flight`] at once. Received changes are
+//! durably applied before the session replies (the reply tells the peer what
+//! we now have), and the checkpoint only moves past a range once every
+//! document in it is durably stored in at least the announced state.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
+
+use concord_core::automerge::sync::{State as SyncState, SyncDoc};
+use concord_core::automerge::{Automerge, ChangeHash};
+use concord_core::{
+    ApplyError, DocError, DocId, Heads, Incoming, IncomingData, NodeId, Origin, PeerProgress,
+    StorageError, SyncStore, valid_space,
+};
+use serde_bytes::{ByteArray, ByteBuf};
+
+use crate::error::{ErrorCode, FrameError};
+use crate::frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame};
+use crate::handshake::{self, Agreement, SUPPORTED_VERSIONS};
+use crate::message::{
+    Announce, Announcement, Credit, DocErrorMessage, ErrorMessage, Message, Subscribe, SyncData,
+};
+use crate::sync_message;
+
+/// Bytes a frame spends besides a `Sync` message's automerge payload.
+const SYNC_OVERHEAD: usize = 64;
+
+/// A bug to plant in a session, so that a test can show the simulator
+/// catches it. Only with the `planted-bugs` feature.
+#[cfg(feature = "planted-bugs")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Reply to (acknowledge) received changes and count their document as
+    /// stored before they are durable; they are written a while later.
+    AcknowledgeBeforePersisting,
+    /// Move the checkpoint to the end of each announced range at once, before
+    /// its documents are stored.
+    CheckpointTooFar,
+    /// Never announce feed entries that came from a peer (no relaying).
+    DropRelayAnnouncements,
+}
+
+/// How a session behaves. Start from [`SessionConfig::new`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// Our node id.
+    pub local: NodeId,
+    /// The peer's node id, as the transport authenticated it.
+    pub peer: NodeId,
+    /// Protocol versions we offer.
+    pub versions: Vec<u32>,
+    /// The largest frame we accept (and our own frames never exceed the
+    /// peer's). Default [`DEFAULT_MAX_FRAME`].
+    pub max_frame: u32,
+    /// Documents the peer may announce to us before we grant more credit:
+    /// bounds what we track of the peer's feed. Default 4,096.
+    pub announce_window: u32,
+    /// Feed entries read per announcement page. Default 512.
+    pub announce_page: usize,
+    /// Documents we reconcile at once. Default 64.
+    pub max_docs_in_flight: usize,
+    /// Sync exchanges the peer may hold open with us at once. Default 1,024.
+    pub max_peer_exchanges: usize,
+    /// Bytes queued for transmission beyond which the session stops
+    /// generating more (reading the feed, starting syncs) and the driver
+    /// should stop reading input. Default 1 MiB.
+    pub outbox_limit: usize,
+    /// How often the checkpoint and sync states are saved while they change.
+    /// Default 1 s. They are also saved when the session ends.
+    pub save_interval: Duration,
+    /// Keep automerge sync states per document across sessions, so a
+    /// reconnect resends less. Default true.
+    pub persist_sync_states: bool,
+    /// A planted bug (tests of the simulator only).
+    #[cfg(feature = "planted-bugs")]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+impl SessionConfig {
+    /// The defaults, for a session between `local` and `peer`.
+    pub fn new(local: NodeId, peer: NodeId) -> Self {
+        Self {
+            local,
+            peer,
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            max_frame: DEFAULT_MAX_FRAME,
+            announce_window: 4096,
+            announce_page: 512,
+            max_docs_in_flight: 64,
+            max_peer_exchanges: 1024,
+            outbox_limit: 1 << 20,
+            save_interval: Duration::from_secs(1),
+            persist_sync_states: true,
+            #[cfg(feature = "planted-bugs")]
+            planted_bug: None,
+        }
+    }
+}
+
+/// What happened, for the driver (metrics, logs, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The handshake succeeded.
+    Established {
+        /// The agreed protocol version.
+        version: u32,
+        /// The peer's capability bits.
+        capabilities: u64,
+    },
+    /// Changes from the peer were durably stored.
+    Applied {
+        /// The document.
+        doc: DocId,
+        /// How many changes were new.
+        changes: usize,
+    },
+    /// We stopped syncing a document with the peer (and told it why).
+    DocFailed {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        code: ErrorCode,
+        /// Details.
+        reason: String,
+    },
+    /// The peer stopped syncing a document with us.
+    PeerDocError {
+        /// The document.
+        doc: DocId,
+        /// Its code (possibly one this build does not know).
+        code: u16,
+        /// Its explanation.
+        reason: String,
+    },
+    /// Everything the peer announced so far is stored here.
+    CaughtUp {
+        /// Our checkpoint in the peer's feed.
+        checkpoint: u64,
+    },
+    /// The session ended.
+    Closed {
+        /// Why.
+        code: u16,
+        /// Details.
+        reason: String,
+        /// True when the peer ended it (its `Error` frame, or a lost
+        /// connection); false when we did.
+        by_peer: bool,
+    },
+}
+
+/// Counters of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Frames queued for sending.
+    pub frames_sent: u64,
+    /// Bytes of those frames.
+    pub bytes_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Bytes received (including any partial frame).
+    pub bytes_received: u64,
+    /// Documents announced to the peer.
+    pub docs_announced: u64,
+    /// Changes received and stored.
+    pub changes_received: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitingHello,
+    Established(Agreement),
+    Closed,
+}
+
+/// Our feed, as announced to the peer.
+#[derive(Debug)]
+struct Sending {
+    cursor: u64,
+    credit: u64,
+    caught_up: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WantState {
+    Queued,
+    InFlight,
+    /// The last exchange ended without the announced heads, or failed; it is
+    /// retried when the document is announced again.
+    Stalled,
+}
+
+/// A document the peer announced in a state we do not have yet.
+#[derive(Debug)]
+struct Want {
+    space: String,
+    heads: Heads,
+    /// Ids of the announcement ranges that listed it.
+    ranges: Vec<u64>,
+    state: WantState,
+}
+
+#[derive(Debug)]
+struct Range {
+    to: u64,
+    outstanding: usize,
+}
+
+/// The peer's feed, as announced to us.
+#[derive(Debug, Default)]
+struct Receiving {
+    expected_from: u64,
+    checkpoint: u64,
+    /// Open ranges, oldest first; `first_range` is the id of the front one.
+    ranges: VecDeque<Range>,
+    first_range: u64,
+    wanted: HashMap<DocId, Want>,
+    queue: VecDeque<DocId>,
+    granted: u64,
+    used: u64,
+    to_grant: u64,
+}
+
+/// The peer's protocol session.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    phase: Phase,
+    decoder: FrameDecoder,
+    outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+    events: VecDeque<Event>,
+    stats: SessionStats,
+    sending: Option<Sending>,
+    receiving: Receiving,
+    /// Sync exchanges in progress, in either direction.
+    exchanges: HashMap<DocId, SyncState>,
+    in_flight: usize,
+    unsaved_states: Vec<(DocId, Vec<u8>)>,
+    checkpoint_dirty: bool,
+    next_save: Option<Duration>,
+    now: Duration,
+    #[cfg(feature = "planted-bugs")]
+    deferred: Vec<Incoming>,
+}
+
+/// Why a frame handler ended the session.
+struct Fatal {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Fatal {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<StorageError> for Fatal {
+    fn from(e: StorageError) -> Self {
+        Fatal::new(ErrorCode::StorageFailure, format!("storage failed: {e}"))
+    }
+}
+
+impl From<&FrameError> for Fatal {
+    fn from(e: &FrameError) -> Self {
+        Fatal::new(ErrorCode::from(e), e.to_string())
+    }
+}
+
+impl Session {
+    /// A session that has sent nothing yet; its `Hello` is queued.
+    pub fn new(config: SessionConfig, now: Duration) -> Self {
+        let hello = handshake::hello(config.local, &config.versions, config.max_frame);
+        let mut session = Self {
+            decoder: FrameDecoder::new(config.max_frame),
+            config,
+            phase: Phase::AwaitingHello,
+            outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            events: VecDeque::new(),
+            stats: SessionStats::default(),
+            sending: None,
+            receiving: Receiving::default(),
+            exchanges: HashMap::new(),
+            in_flight: 0,
+            unsaved_states: Vec::new(),
+            checkpoint_dirty: false,
+            next_save: None,
+            now,
+            #[cfg(feature = "planted-bugs")]
+            deferred: Vec::new(),
+        };
+        session.send(&Message::Hello(hello));
+        session
+    }
+
+    /// The peer's node id.
+    pub fn peer(&self) -> NodeId {
+        self.config.peer
+    }
+
+    /// The agreed protocol version, once the handshake is done.
+    pub fn version(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Established(a) => Some(a.version),
+            _ => None,
+        }
+    }
+
+    /// True once the session has ended; nothing more is accepted.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Our checkpoint in the peer's feed, as far as this session got.
+    pub fn checkpoint(&self) -> u64 {
+        self.receiving.checkpoint
+    }
+
+    /// True when the peer's announcements so far are all stored here and no
+    /// document is being reconciled in either direction.
+    pub fn is_idle(&self) -> bool {
+        self.receiving.wanted.is_empty() && self.exchanges.is_empty() && self.outbox.is_empty()
+    }
+
+    /// Whether the driver should read more input: false while the transmit
+    /// queue is over [`SessionConfig::outbox_limit`].
+    pub fn wants_input(&self) -> bool {
+        !self.is_closed() && self.outbox_bytes < self.config.outbox_limit
+    }
+
+    /// Bytes received from the peer.
+    pub fn handle_input<S: SyncStore>(&mut self, store: &S, bytes: &[u8], now: Duration) {
+        self.now = now;
+        if self.is_closed() {
+            return;
+        }
+        self.stats.bytes_received += bytes.len() as u64;
+        self.decoder.push(bytes);
+        loop {
+            if self.is_closed() {
+                return;
+            }
+            let payload = match self.decoder.next_payload() {
+                Ok(Some(payload)) => payload,
+                Ok(None) => break,
+                Err(e) => return self.fail(store, Fatal::from(&e)),
+            };
+            self.stats.frames_received += 1;
+            let message = match Message::decode_payload(&payload) {
+                Ok(message) => message,
+                Err(e) => return self.fail(store, Fatal::from(&e)),
+            };
+            if let Err(fatal) = self.handle_message(store, message) {
+                return self.fail(store, fatal);
+            }
+        }
+        self.make_progress(store);
+    }
+
+    /// The replica committed something: announce what the peer lacks.
+    pub fn handle_feed<S: SyncStore>(&mut self, store: &S, now: Duration) {
+        self.now = now;
+        if let Some(sending) = &mut self.sending {
+            sending.caught_up = false;
+        }
+        self.make_progress(store);
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.is_closed() {
+            return None;
+        }
+        self.next_save
+    }
+
+    /// Time passed: saves progress when due.
+    pub fn handle_timeout<S: SyncStore>(&mut self, store: &S, now: Duration) {
+        self.now = now;
+        if self.is_closed() {
+            return;
+        }
+        if self.next_save.is_some_and(|at| at <= now) {
+            #[cfg(feature = "planted-bugs")]
+            self.flush_deferred(store);
+            if let Err(e) = self.save(store) {
+                return self.fail(store, Fatal::from(e));
+            }
+        }
+        self.make_progress(store);
+    }
+
+    /// The connection was lost: saves progress and ends the session.
+    pub fn handle_disconnect<S: SyncStore>(&mut self, store: &S, now: Duration) {
+        self.now = now;
+        if self.is_closed() {
+            return;
+        }
+        self.end(store);
+        self.events.push_back(Event::Closed {
+            code: ErrorCode::Closing.as_u16(),
+            reason: "connection lost".into(),
+            by_peer: true,
+        });
+    }
+
+    /// Ends the session: queues an `Error` frame with `code` and `reason` and
+    /// saves progress.
+    pub fn close<S: SyncStore>(&mut self, store: &S, code: ErrorCode, reason: &str) {
+        if self.is_closed() {
+            return;
+        }
+        self.fail(store, Fatal::new(code, reason));
+    }
+
+    /// The next frame to write to the stream. Reading further into the feed
+    /// happens here, as the stream takes frames.
+    pub fn poll_transmit<S: SyncStore>(&mut self, store: &S) -> Option<Vec<u8>> {
+        if self.outbox.is_empty() && !self.is_closed() {
+            self.make_progress(store);
+        }
+        let frame = self.outbox.pop_front()?;
+        self.outbox_bytes -= frame.len();
+        Some(frame)
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    fn send(&mut self, message: &Message) {
+        let frame = encode_frame(message);
+        self.stats.frames_sent += 1;
+        self.stats.bytes_sent += frame.len() as u64;
+        self.outbox_bytes += frame.len();
+        self.outbox.push_back(frame);
+    }
+
+    fn has_room(&self) -> bool {
+        self.outbox_bytes < self.config.outbox_limit
+    }
+
+    /// Ends the session with an `Error` frame.
+    fn fail<S: SyncStore>(&mut self, store: &S, fatal: Fatal) {
+        tracing::debug!(peer = %self.config.peer, code = ?fatal.code, reason = %fatal.reason, "ending session");
+        self.send(&Message::Error(ErrorMessage {
+            code: fatal.code.as_u16(),
+            reason: fatal.reason.clone(),
+        }));
+        self.end(store);
+        self.events.push_back(Event::Closed {
+            code: fatal.code.as_u16(),
+            reason: fatal.reason,
+            by_peer: false,
+        });
+    }
+
+    fn end<S: SyncStore>(&mut self, store: &S) {
+        if matches!(self.phase, Phase::Established(_)) {
+            #[cfg(feature = "planted-bugs")]
+            self.flush_deferred(store);
+            // Saving is an optimisation; a failure only costs a resend.
+            if let Err(e) = self.save(store) {
+                tracing::warn!(peer = %self.config.peer, error = %e, "could not save sync progress");
+            }
+        }
+        self.phase = Phase::Closed;
+        self.exchanges.clear();
+        self.receiving.wanted.clear();
+        self.receiving.queue.clear();
+        self.next_save = None;
+    }
+
+    fn agreement(&self) -> Option<Agreement> {
+        match self.phase {
+            Phase::Established(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn handle_message<S: SyncStore>(&mut self, store: &S, message: Message) -> Result<(), Fatal> {
+        match (self.phase, message) {
+            (Phase::Closed, _) => Ok(()),
+            (_, Message::Error(e)) => {
+                self.end(store);
+                self.events.push_back(Event::Closed {
+                    code: e.code,
+                    reason: e.reason,
+                    by_peer: true,
+                });
+                Ok(())
+            }
+            (Phase::AwaitingHello, Message::Hello(hello)) => {
+                let agreement = handshake::agree(&self.config.versions, self.config.peer, &hello)
+                    .map_err(|e| Fatal::new(e.code(), e.to_string()))?;
+                self.phase = Phase::Established(agreement);
+                self.events.push_back(Event::Established {
+                    version: agreement.version,
+                    capabilities: agreement.capabilities,
+                });
+                let checkpoint = store.peer_checkpoint(&self.config.peer)?;
+                let window = u64::from(self.config.announce_window.max(1));
+                self.receiving = Receiving {
+                    expected_from: checkpoint,
+                    checkpoint,
+                    granted: window,
+                    ..Receiving::default()
+                };
+                self.send(&Message::Subscribe(Subscribe {
+                    since: checkpoint,
+                    credit: self.config.announce_window.max(1),
+                }));
+                Ok(())
+            }
+            (Phase::AwaitingHello, other) => Err(Fatal::new(
+                ErrorCode::UnexpectedMessage,
+                format!("message type {} before the handshake", other.kind()),
+            )),
+            (Phase::Established(_), Message::Hello(_)) => {
+                Err(Fatal::new(ErrorCode::UnexpectedMessage, "a second Hello"))
+            }
+            (Phase::Established(_), Message::Subscribe(s)) => {
+                if self.sending.is_some() {
+                    return Err(Fatal::new(
+                        ErrorCode::UnexpectedMessage,
+                        "a second Subscribe",
+                    ));
+                }
+                self.sending = Some(Sending {
+                    cursor: s.since,
+                    credit: u64::from(s.credit),
+                    caught_up: false,
+                });
+                Ok(())
+            }
+            (Phase::Established(_), Message::Credit(c)) => {
+                let sending = self.sending.as_mut().ok_or_else(|| {
+                    Fatal::new(ErrorCode::UnexpectedMessage, "Credit before Subscribe")
+                })?;
+                sending.credit = sending.credit.saturating_add(u64::from(c.docs));
+                Ok(())
+            }
+            (Phase::Established(_), Message::Announce(a)) => self.handle_announce(store, a),
+            (Phase::Established(_), Message::Sync(s)) => self.handle_sync(store, s),
+            (Phase::Established(_), Message::DocError(e)) => {
+                let doc = DocId::from_bytes(e.doc.into_array());
+                self.events.push_back(Event::PeerDocError {
+                    doc,
+                    code: e.code,
+                    reason: e.reason,
+                });
+                self.end_exchange(doc, false);
+                Ok(())
+            }
+        }
+    }
+
+    // ----- the peer's feed --------------------------------------------------
+
+    fn handle_announce<S: SyncStore>(&mut self, store: &S, a: Announce) -> Result<(), Fatal> {
+        let r = &mut self.receiving;
+        if a.from != r.expected_from || a.to < a.from || (a.to == a.from && a.docs.is_empty()) {
+            return Err(Fatal::new(
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "announced range ({}, {}] does not continue from {}",
+                    a.from, a.to, r.expected_from
+                ),
+            ));
+        }
+        let count = a.docs.len() as u64;
+        if r.used + count > r.granted {
+            return Err(Fatal::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{count} documents announced with {} credit left",
+                    r.granted - r.used
+                ),
+            ));
+        }
+        r.used += count;
+        r.expected_from = a.to;
+        let range_id = r.first_range + r.ranges.len() as u64;
+        r.ranges.push_back(Range {
+            to: a.to,
+            outstanding: 0,
+        });
+        #[cfg(feature = "planted-bugs")]
+        let too_far = self.config.planted_bug == Some(PlantedBug::CheckpointTooFar);
+        for announcement in a.docs {
+            let doc = announcement.doc_id();
+            let heads = announcement.heads();
+            let space = announcement.space;
+            if !valid_space(&space) {
+                self.refuse_doc(doc, ErrorCode::Refused, "invalid space name".into());
+                self.receiving.to_grant += 1;
+                continue;
+            }
+            match self.have_announced(store, doc, &space, &heads)? {
+                Have::Yes => {
+                    self.receiving.to_grant += 1;
+                }
+                Have::Refused(reason) => {
+                    self.refuse_doc(doc, ErrorCode::Refused, reason);
+                    self.receiving.to_grant += 1;
+                }
+                Have::No => {
+                    let r = &mut self.receiving;
+                    if let Some(range) = r.ranges.back_mut() {
+                        range.outstanding += 1;
+                    }
+                    match r.wanted.get_mut(&doc) {
+                        Some(want) => {
+                            want.heads = heads;
+                            want.ranges.push(range_id);
+                            if want.state == WantState::Stalled {
+                                want.state = WantState::Queued;
+                                r.queue.push_back(doc);
+                            }
+                        }
+                        None => {
+                            r.wanted.insert(
+                                doc,
+                                Want {
+                                    space,
+                                    heads,
+                                    ranges: vec![range_id],
+                                    state: WantState::Queued,
+                                },
+                            );
+                            r.queue.push_back(doc);
+                        }
+                    }
+                }
+            }
+        }
+        #[cfg(feature = "planted-bugs")]
+        if too_far {
+            // The bug: claim the whole range at once and save it.
+            self.receiving.checkpoint = a.to;
+            self.checkpoint_dirty = true;
+            self.save(store)?;
+        }
+        self.advance_checkpoint();
+        Ok(())
+    }
+
+    fn have_announced<S: SyncStore>(
+        &self,
+        store: &S,
+        doc: DocId,
+        space: &str,
+        heads: &Heads,
+    ) -> Result<Have, Fatal> {
+        let Some(summary) = store.summary(doc)? else {
+            return Ok(Have::No);
+        };
+        if summary.space != space {
+            return Ok(Have::Refused(format!(
+                "document {doc} is in space {:?} here, not {space:?}",
+                summary.space
+            )));
+        }
+        if &summary.heads == heads {
+            return Ok(Have::Yes);
+        }
+        match store.document(doc) {
+            Ok(Some(d)) => Ok(if contains_all(d.automerge(), heads.as_slice()) {
+                Have::Yes
+            } else {
+                Have::No
+            }),
+            Ok(None) => Ok(Have::No),
+            Err(DocError::Storage(e)) => Err(e.into()),
+            // A damaged document here: syncing may repair it, or fail
+            // cleanly for this document alone.
+            Err(_) => Ok(Have::No),
+        }
+    }
+
+    fn refuse_doc(&mut self, doc: DocId, code: ErrorCode, reason: String) {
+        self.send(&Message::DocError(DocErrorMessage {
+            doc: ByteArray::new(*doc.as_bytes()),
+            code: code.as_u16(),
+            reason: reason.clone(),
+        }));
+        self.events
+            .push_back(Event::DocFailed { doc, code, reason });
+    }
+
+    /// The document is stored in at least its announced state.
+    fn resolve(&mut self, doc: DocId) {
+        let r = &mut self.receiving;
+        let Some(want) = r.wanted.remove(&doc) else {
+            return;
+        };
+        for id in &want.ranges {
+            if let Some(range) = id
+                .checked_sub(r.first_range)
+                .and_then(|i| r.ranges.get_mut(i as usize))
+            {
+                range.outstanding = range.outstanding.saturating_sub(1);
+            }
+        }
+        r.to_grant += want.ranges.len() as u64;
+        self.advance_checkpoint();
+    }
+
+    fn advance_checkpoint(&mut self) {
+        let r = &mut self.receiving;
+        let before = r.checkpoint;
+        while r.ranges.front().is_some_and(|range| range.outstanding == 0) {
+            if let Some(range) = r.ranges.pop_front() {
+                r.first_range += 1;
+                r.checkpoint = r.checkpoint.max(range.to);
+            }
+        }
+        if r.checkpoint != before {
+            self.checkpoint_dirty = true;
+            self.schedule_save();
+            if self.receiving.ranges.is_empty() {
+                self.events.push_back(Event::CaughtUp {
+                    checkpoint: self.receiving.checkpoint,
+                });
+            }
+        }
+    }
+
+    fn schedule_save(&mut self) {
+        if self.next_save.is_none() {
+            self.next_save = Some(self.now + self.config.save_interval);
+        }
+    }
+
+    fn save<S: SyncStore>(&mut self, store: &S) -> Result<(), StorageError> {
+        self.next_save = None;
+        let progress = PeerProgress {
+            checkpoint: self.checkpoint_dirty.then_some(self.receiving.checkpoint),
+            sync_states: std::mem::take(&mut self.unsaved_states),
+        };
+        self.checkpoint_dirty = false;
+        store.save_peer_progress(&self.config.peer, &progress)
+    }
+
+    // ----- reconciliation ----------------------------------------------------
+
+    /// Does what the session can without input: grants credit, announces
+    /// from the feed, starts syncs, while the transmit queue has room.
+    fn make_progress<S: SyncStore>(&mut self, store: &S) {
+        if self.agreement().is_none() {
+            return;
+        }
+        let r = &mut self.receiving;
+        let window = u64::from(self.config.announce_window.max(1));
+        if r.to_grant > 0 && (r.to_grant * 2 >= window || r.wanted.is_empty()) {
+            let docs = u32::try_from(r.to_grant).unwrap_or(u32::MAX);
+            r.to_grant -= u64::from(docs);
+            r.granted += u64::from(docs);
+            self.send(&Message::Credit(Credit { docs }));
+        }
+        if let Err(fatal) = self.start_syncs(store) {
+            return self.fail(store, fatal);
+        }
+        if let Err(fatal) = self.announce(store) {
+            self.fail(store, fatal);
+        }
+    }
+
+    fn start_syncs<S: SyncStore>(&mut self, store: &S) -> Result<(), Fatal> {
+        while self.in_flight < self.config.max_docs_in_flight && self.has_room() {
+            let Some(doc) = self.receiving.queue.pop_front() else {
+                break;
+            };
+            match self.receiving.wanted.get(&doc) {
+                Some(want) if want.state == WantState::Queued => {}
+                _ => continue,
+            }
+            let mut state = match self.exchanges.remove(&doc) {
+                Some(state) => state,
+                None => self.stored_state(store, doc)?,
+            };
+            let ours = match store.document(doc) {
+                Ok(Some(d)) => Some(d),
+                Ok(None) => None,
+                Err(DocError::Storage(e)) => return Err(e.into()),
+                Err(e) => {
+                    self.stall(doc);
+                    self.refuse_doc(doc, ErrorCode::DocumentCorrupt, e.to_string());
+                    continue;
+                }
+            };
+            let empty = Automerge::new();
+            let am = ours.as_ref().map_or(&empty, |d| d.automerge());
+            let mut message = generate(am, &mut state);
+            if message.is_none() {
+                // automerge believes the peer has nothing for us: start over
+                // from what was last shared.
+                state = SyncState::decode(&state.encode()).unwrap_or_else(|_| SyncState::new());
+                message = generate(am, &mut state);
+            }
+            match message {
+                Some(Ok(bytes)) => {
+                    if let Some(want) = self.receiving.wanted.get_mut(&doc) {
+                        want.state = WantState::InFlight;
+                    }
+                    self.in_flight += 1;
+                    self.exchanges.insert(doc, state);
+                    self.send_sync(doc, bytes);
+                }
+                Some(Err(reason)) => {
+                    self.stall(doc);
+                    self.refuse_doc(doc, ErrorCode::DocumentCorrupt, reason);
+                }
+                None => self.stall(doc),
+            }
+        }
+        Ok(())
+    }
+
+    fn stored_state<S: SyncStore>(&self, store: &S, doc: DocId) -> Result<SyncState, Fatal> {
+        if !self.config.persist_sync_states {
+            return Ok(SyncState::new());
+        }
+        Ok(store
+            .sync_state(&self.config.peer, doc)?
+            .and_then(|bytes| {
+                catch_unwind(|| SyncState::decode(&bytes))
+                    .ok()
+                    .and_then(Result::ok)
+            })
+            .unwrap_or_else(SyncState::new))
+    }
+
+    fn stall(&mut self, doc: DocId) {
+        if let Some(want) = self.receiving.wanted.get_mut(&doc) {
+            if want.state == WantState::InFlight {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            want.state = WantState::Stalled;
+        }
+    }
+
+    /// Ends the exchange for `doc`, keeping its state if it went well.
+    fn end_exchange(&mut self, doc: DocId, keep_state: bool) {
+        if let Some(state) = self.exchanges.remove(&doc)
+            && keep_state
+            && self.config.persist_sync_states
+        {
+            self.unsaved_states.push((doc, state.encode()));
+            self.schedule_save();
+        }
+        if self
+            .receiving
+            .wanted
+            .get(&doc)
+            .is_some_and(|w| w.state == WantState::InFlight)
+        {
+            self.stall(doc);
+        }
+    }
+
+    fn send_sync(&mut self, doc: DocId, bytes: Vec<u8>) {
+        let limit = self.agreement().map_or(self.config.max_frame, |a| {
+            a.peer_max_frame.min(self.config.max_frame)
+        });
+        if bytes.len() + SYNC_OVERHEAD > limit as usize {
+            self.end_exchange(doc, false);
+            self.refuse_doc(
+                doc,
+                ErrorCode::TooLarge,
+                format!(
+                    "a sync message of {} bytes exceeds the frame limit of {limit}",
+                    bytes.len()
+                ),
+            );
+            return;
+        }
+        self.send(&Message::Sync(SyncData {
+            doc: ByteArray::new(*doc.as_bytes()),
+            data: ByteBuf::from(bytes),
+        }));
+    }
+
+    fn handle_sync<S: SyncStore>(&mut self, store: &S, s: SyncData) -> Result<(), Fatal> {
+        let doc = DocId::from_bytes(s.doc.into_array());
+        let message = match sync_message::decode(&s.data) {
+            Ok(m) => m,
+            Err(e) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, e.to_string());
+                return Ok(());
+            }
+        };
+        // Our document, and the space it is (or will be) in.
+        let (ours, space) = match store.document(doc) {
+            Ok(Some(d)) => {
+                let space = d.space().to_string();
+                (Some(d), space)
+            }
+            Ok(None) => match self.receiving.wanted.get(&doc) {
+                Some(want) => (None, want.space.clone()),
+                None if message.changes.is_empty() => (None, String::new()),
+                None => {
+                    self.end_exchange(doc, false);
+                    self.refuse_doc(
+                        doc,
+                        ErrorCode::UnknownDocument,
+                        format!("changes for document {doc}, which was never announced"),
+                    );
+                    return Ok(());
+                }
+            },
+            Err(DocError::Storage(e)) => return Err(e.into()),
+            Err(e) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, e.to_string());
+                return Ok(());
+            }
+        };
+        let state = match self.exchanges.remove(&doc) {
+            Some(state) => state,
+            None => {
+                if self.exchanges.len() >= self.config.max_peer_exchanges {
+                    self.refuse_doc(
+                        doc,
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "more than {} documents syncing at once",
+                            self.config.max_peer_exchanges
+                        ),
+                    );
+                    return Ok(());
+                }
+                self.stored_state(store, doc)?
+            }
+        };
+        // Work on copies: automerge may panic or fail half-way, leaving the
+        // document or the state damaged.
+        let mut working = ours
+            .as_ref()
+            .map_or_else(Automerge::new, |d| d.automerge().clone());
+        let before = working.get_heads();
+        let received = catch_unwind(AssertUnwindSafe(|| {
+            let mut next = state.clone();
+            working
+                .receive_sync_message(&mut next, message)
+                .map(|()| next)
+        }));
+        let mut next = match received {
+            Ok(Ok(next)) => next,
+            Ok(Err(e)) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, e.to_string());
+                return Ok(());
+            }
+            Err(p) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(
+                    doc,
+                    ErrorCode::InvalidSyncMessage,
+                    format!("automerge panicked: {}", describe(&*p)),
+                );
+                return Ok(());
+            }
+        };
+        let new_changes: Vec<Vec<u8>> = match catch_unwind(AssertUnwindSafe(|| {
+            working
+                .get_changes(&before)
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect()
+        })) {
+            Ok(changes) => changes,
+            Err(p) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(
+                    doc,
+                    ErrorCode::InvalidSyncMessage,
+                    format!("automerge panicked: {}", describe(&*p)),
+                );
+                return Ok(());
+            }
+        };
+        if !new_changes.is_empty() {
+            if !valid_space(&space) {
+                self.end_exchange(doc, false);
+                self.refuse_doc(
+                    doc,
+                    ErrorCode::UnknownDocument,
+                    format!("changes for document {doc}, which was never announced"),
+                );
+                return Ok(());
+            }
+            let count = new_changes.len();
+            let incoming = Incoming {
+                id: doc,
+                space: space.clone(),
+                data: IncomingData::Changes(new_changes),
+            };
+            if let Err(fatal_or_refusal) = self.store_changes(store, incoming) {
+                match fatal_or_refusal {
+                    Stored::Fatal(f) => return Err(f),
+                    Stored::Refused(reason) => {
+                        self.end_exchange(doc, false);
+                        self.refuse_doc(doc, ErrorCode::Refused, reason);
+                        return Ok(());
+                    }
+                }
+            }
+            self.stats.changes_received += count as u64;
+            self.events.push_back(Event::Applied {
+                doc,
+                changes: count,
+            });
+        }
+        // Is the announced state here now?
+        if let Some(want) = self.receiving.wanted.get(&doc)
+            && contains_all(&working, want.heads.as_slice())
+        {
+            if want.state == WantState::InFlight {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            self.resolve(doc);
+            #[cfg(feature = "planted-bugs")]
+            if self.config.planted_bug == Some(PlantedBug::AcknowledgeBeforePersisting) {
+                // The bug: the checkpoint is saved now, the changes later.
+                self.save(store)?;
+                self.next_save = Some(self.now + self.config.save_interval);
+            }
+        }
+        match generate(&working, &mut next) {
+            Some(Ok(bytes)) => {
+                self.exchanges.insert(doc, next);
+                self.send_sync(doc, bytes);
+            }
+            Some(Err(reason)) => {
+                self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, reason);
+                self.stall(doc);
+            }
+            None => {
+                // Nothing more to say: the exchange is over for now.
+                self.exchanges.insert(doc, next);
+                self.end_exchange(doc, true);
+            }
+        }
+        Ok(())
+    }
+
+    fn store_changes<S: SyncStore>(&mut self, store: &S, incoming: Incoming) -> Result<(), Stored> {
+        #[cfg(feature = "planted-bugs")]
+        if self.config.planted_bug == Some(PlantedBug::AcknowledgeBeforePersisting) {
+            // The bug: hold the changes in memory, write them later.
+            self.deferred.push(incoming);
+            self.schedule_save();
+            return Ok(());
+        }
+        match store.apply(Origin::Peer(self.config.peer), vec![incoming]) {
+            Ok(_) => Ok(()),
+            Err(ApplyError::Storage(e)) => Err(Stored::Fatal(e.into())),
+            Err(ApplyError::Doc(DocError::Storage(e))) => Err(Stored::Fatal(e.into())),
+            Err(e) => Err(Stored::Refused(e.to_string())),
+        }
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    fn flush_deferred<S: SyncStore>(&mut self, store: &S) {
+        for incoming in std::mem::take(&mut self.deferred) {
+            let _ = store.apply(Origin::Peer(self.config.peer), vec![incoming]);
+        }
+    }
+
+    // ----- our feed ----------------------------------------------------------
+
+    fn announce<S: SyncStore>(&mut self, store: &S) -> Result<(), Fatal> {
+        let budget = self
+            .agreement()
+            .map_or(0, |a| a.peer_max_frame.min(self.config.max_frame) as usize)
+            .saturating_sub(1024);
+        loop {
+            let Some(sending) = &self.sending else {
+                return Ok(());
+            };
+            if sending.caught_up || sending.credit == 0 || !self.has_room() {
+                return Ok(());
+            }
+            let limit = self
+                .config
+                .announce_page
+                .max(1)
+                .min(usize::try_from(sending.credit).unwrap_or(usize::MAX));
+            let cursor = sending.cursor;
+            let page = store.feed_page(cursor, limit)?;
+            let full = page.entries.len() >= limit;
+            let peer = self.config.peer;
+            #[cfg(feature = "planted-bugs")]
+            let drop_relays = self.config.planted_bug == Some(PlantedBug::DropRelayAnnouncements);
+            // Split into frames; a frame that ends inside one commit's
+            // entries claims the range only up to the commit before it.
+            let mut from = cursor;
+            let mut chunk: Vec<Announcement> = Vec::new();
+            let mut size = 0usize;
+            let mut sent_docs = 0u64;
+            let entries = page.entries;
+            for entry in &entries {
+                if entry.known_to == Some(peer) {
+                    continue;
+                }
+                #[cfg(feature = "planted-bugs")]
+                if drop_relays && entry.known_to.is_some() {
+                    continue;
+                }
+                let announcement = Announcement::new(entry.id, &entry.space, &entry.heads);
+                let cost = 24 + entry.space.len() + 34 * entry.heads.len();
+                if size + cost > budget && !chunk.is_empty() {
+                    let to = entry.seq.saturating_sub(1).max(from);
+                    sent_docs += chunk.len() as u64;
+                    self.send(&Message::Announce(Announce {
+                        from,
+                        to,
+                        docs: std::mem::take(&mut chunk),
+                    }));
+                    from = to;
+                    size = 0;
+                }
+                size += cost;
+                chunk.push(announcement);
+            }
+            if page.up_to > from || !chunk.is_empty() {
+                sent_docs += chunk.len() as u64;
+                self.send(&Message::Announce(Announce {
+                    from,
+                    to: page.up_to,
+                    docs: chunk,
+                }));
+            }
+            self.stats.docs_announced += sent_docs;
+            if let Some(sending) = &mut self.sending {
+                sending.cursor = page.up_to;
+                sending.credit = sending.credit.saturating_sub(sent_docs);
+                if !full {
+                    sending.caught_up = true;
+                }
+            }
+        }
+    }
+}
+
+enum Have {
+    Yes,
+    No,
+    Refused(String),
+}
+
+enum Stored {
+    Fatal(Fatal),
+    Refused(String),
+}
+
+fn contains_all(doc: &Automerge, heads: &[ChangeHash]) -> bool {
+    heads
+        .iter()
+        .all(|h| doc.get_change_meta_by_hash(h).is_some())
+}
+
+/// automerge's next sync message, with any panic contained.
+fn generate(doc: &Automerge, state: &mut SyncState) -> Option<Result<Vec<u8>, String>> {
+    let mut working = state.clone();
+    match catch_unwind(AssertUnwindSafe(|| {
+        doc.generate_sync_message(&mut working).map(|m| m.encode())
+    })) {
+        Ok(Some(bytes)) => {
+            *state = working;
+            Some(Ok(bytes))
+        }
+        Ok(None) => {
+            *state = working;
+            None
+        }
+        Err(p) => Some(Err(format!("automerge panicked: {}", describe(&*p)))),
+    }
+}
+
+fn describe(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}

@@ -1,0 +1,171 @@
+//! Checking automerge sync messages from peers before automerge sees them.
+//!
+//! automerge 0.12 trusts the bloom filters in a sync message's `have` list:
+//! a filter declaring `num_probes = u32::MAX` passes `receive_sync_message`,
+//! and the next `generate_sync_message` tries to allocate 17 GB and aborts
+//! the process; a filter with 0 bits per entry divides by zero (FINDINGS.md).
+//! [`decode`] parses a message (containing any panic of automerge's parser)
+//! and refuses filters outside the bounds automerge itself produces.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use concord_core::automerge::sync::Message as AmMessage;
+
+/// Most probes per entry a filter may declare (automerge uses 7).
+pub const MAX_BLOOM_PROBES: u32 = 32;
+/// Most bits per entry a filter may declare (automerge uses 10).
+pub const MAX_BLOOM_BITS_PER_ENTRY: u32 = 64;
+
+/// Why a sync message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncMessageError {
+    /// automerge could not parse it.
+    #[error("not an automerge sync message: {0}")]
+    Malformed(String),
+    /// automerge's parser panicked on it.
+    #[error("automerge panicked parsing the sync message: {0}")]
+    Panicked(String),
+    /// A bloom filter with parameters automerge cannot use safely.
+    #[error("bloom filter out of bounds: {0}")]
+    HostileBloom(String),
+}
+
+/// Parses an automerge sync message received from a peer and checks it is
+/// safe to hand to automerge.
+pub fn decode(bytes: &[u8]) -> Result<AmMessage, SyncMessageError> {
+    let message = catch_unwind(AssertUnwindSafe(|| AmMessage::decode(bytes)))
+        .map_err(|p| SyncMessageError::Panicked(describe(&*p)))?
+        .map_err(|e| SyncMessageError::Malformed(e.to_string()))?;
+    for have in &message.have {
+        check_bloom(&have.bloom.to_bytes())?;
+    }
+    Ok(message)
+}
+
+fn describe(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Checks a bloom filter in automerge's encoding: empty, or LEB128
+/// `num_entries`, `num_bits_per_entry`, `num_probes`, then the bits.
+fn check_bloom(encoded: &[u8]) -> Result<(), SyncMessageError> {
+    if encoded.is_empty() {
+        return Ok(());
+    }
+    let mut rest = encoded;
+    let entries = leb128_u32(&mut rest)?;
+    let bits_per_entry = leb128_u32(&mut rest)?;
+    let probes = leb128_u32(&mut rest)?;
+    let hostile = |what: String| Err(SyncMessageError::HostileBloom(what));
+    if entries == 0 {
+        // automerge never encodes an empty filter this way, and treats it as
+        // empty; any parameters are harmless then.
+        return Ok(());
+    }
+    if !(1..=MAX_BLOOM_PROBES).contains(&probes) {
+        return hostile(format!("{probes} probes"));
+    }
+    if !(1..=MAX_BLOOM_BITS_PER_ENTRY).contains(&bits_per_entry) {
+        return hostile(format!("{bits_per_entry} bits per entry"));
+    }
+    let expected = (u64::from(entries) * u64::from(bits_per_entry)).div_ceil(8);
+    if rest.len() as u64 != expected || rest.is_empty() {
+        return hostile(format!(
+            "{} bytes of bits for {entries} entries of {bits_per_entry} bits",
+            rest.len()
+        ));
+    }
+    Ok(())
+}
+
+fn leb128_u32(rest: &mut &[u8]) -> Result<u32, SyncMessageError> {
+    let mut value: u64 = 0;
+    for shift in (0..35).step_by(7) {
+        let (&byte, tail) = rest
+            .split_first()
+            .ok_or_else(|| SyncMessageError::HostileBloom("truncated header".into()))?;
+        *rest = tail;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return u32::try_from(value)
+                .map_err(|_| SyncMessageError::HostileBloom("header value overflows".into()));
+        }
+    }
+    Err(SyncMessageError::HostileBloom(
+        "header value too long".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_core::automerge::sync::SyncDoc;
+    use concord_core::automerge::transaction::Transactable;
+    use concord_core::automerge::{AutoCommit, Automerge, ROOT, sync};
+
+    /// The 15-byte message of FINDINGS.md: one `have` whose filter declares
+    /// one entry, 8 bits per entry and u32::MAX probes.
+    fn abort_message() -> Vec<u8> {
+        let mut m = vec![0x42, 0x00, 0x00, 0x01, 0x00];
+        let bloom = [0x01, 0x08, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff];
+        m.push(bloom.len() as u8);
+        m.extend_from_slice(&bloom);
+        m.push(0x00);
+        m
+    }
+
+    #[test]
+    fn the_abort_message_is_refused() {
+        let bytes = abort_message();
+        assert!(AmMessage::decode(&bytes).is_ok(), "automerge accepts it");
+        assert!(matches!(
+            decode(&bytes),
+            Err(SyncMessageError::HostileBloom(_))
+        ));
+    }
+
+    #[test]
+    fn zero_bits_per_entry_is_refused() {
+        let mut m = vec![0x42, 0x00, 0x00, 0x01, 0x00];
+        let bloom = [0x05, 0x00, 0x07];
+        m.push(bloom.len() as u8);
+        m.extend_from_slice(&bloom);
+        m.push(0x00);
+        assert!(matches!(decode(&m), Err(SyncMessageError::HostileBloom(_))));
+    }
+
+    #[test]
+    fn messages_automerge_generates_pass() {
+        let mut a = AutoCommit::new();
+        for i in 0..50 {
+            a.put(ROOT, format!("k{i}"), i).expect("put");
+            a.commit();
+        }
+        let b = Automerge::new();
+        let mut state_a = sync::State::new();
+        let mut state_b = sync::State::new();
+        let mut b = b;
+        let m = b
+            .generate_sync_message(&mut state_b)
+            .expect("first message");
+        let m = decode(&m.encode()).expect("b's message is fine");
+        a.sync()
+            .receive_sync_message(&mut state_a, m)
+            .expect("a receives");
+        let reply = a.sync().generate_sync_message(&mut state_a).expect("reply");
+        let reply = decode(&reply.encode()).expect("a's reply is fine");
+        b.receive_sync_message(&mut state_b, reply)
+            .expect("b receives");
+        let again = b
+            .generate_sync_message(&mut state_b)
+            .expect("b asks for more or acks");
+        decode(&again.encode()).expect("b's bloom is fine");
+    }
+}
