@@ -35,6 +35,18 @@ impl Snapshot {
         Ok(peers.get(*peer.as_bytes())?.map(|v| v.value()).unwrap_or(0))
     }
 
+    /// Received changes of `doc` kept until their dependencies arrive, in
+    /// automerge's change encoding.
+    pub fn pending_changes(&self, doc: DocId) -> Result<Vec<Vec<u8>>, StorageError> {
+        let pending = self.read.open_table(store::PENDING)?;
+        let key = *doc.as_bytes();
+        let mut out = Vec::new();
+        for entry in pending.range((key, [0u8; 32])..=(key, [0xffu8; 32]))? {
+            out.push(entry?.1.value().to_vec());
+        }
+        Ok(out)
+    }
+
     /// The sync state kept for `peer` and `doc`, if any.
     pub fn sync_state(&self, peer: &NodeId, doc: DocId) -> Result<Option<Vec<u8>>, StorageError> {
         let states = self.read.open_table(store::SYNC_STATES)?;

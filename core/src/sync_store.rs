@@ -23,6 +23,9 @@ pub trait SyncStore {
     /// The document's space and heads without loading it.
     fn summary(&self, id: DocId) -> Result<Option<DocSummary>, StorageError>;
 
+    /// Received changes of `doc` waiting for their dependencies.
+    fn pending_changes(&self, doc: DocId) -> Result<Vec<Vec<u8>>, StorageError>;
+
     /// The checkpoint in `peer`'s change feed.
     fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError>;
 
@@ -56,6 +59,10 @@ impl SyncStore for Replica {
 
     fn summary(&self, id: DocId) -> Result<Option<DocSummary>, StorageError> {
         self.read()?.summary(id)
+    }
+
+    fn pending_changes(&self, doc: DocId) -> Result<Vec<Vec<u8>>, StorageError> {
+        self.read()?.pending_changes(doc)
     }
 
     fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError> {

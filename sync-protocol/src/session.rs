@@ -35,8 +35,8 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use concord_core::automerge::sync::{State as SyncState, SyncDoc};
-use concord_core::automerge::{Automerge, ChangeHash};
+use concord_core::automerge::sync::{Message as AmMessage, State as SyncState, SyncDoc};
+use concord_core::automerge::{Automerge, Change, ChangeHash};
 use concord_core::{
     ApplyError, DocError, DocId, Heads, Incoming, IncomingData, NodeId, Origin, PeerProgress,
     StorageError, SyncStore, valid_space,
@@ -357,10 +357,39 @@ impl Session {
         self.receiving.checkpoint
     }
 
-    /// True when the peer's announcements so far are all stored here and no
-    /// document is being reconciled in either direction.
+    /// True when the peer's announcements so far are all stored here and
+    /// nothing waits to be sent. (automerge's sync protocol has no closing
+    /// message: a side whose last message needed no answer keeps its sync
+    /// state until the session ends, so open exchanges do not count.)
     pub fn is_idle(&self) -> bool {
-        self.receiving.wanted.is_empty() && self.exchanges.is_empty() && self.outbox.is_empty()
+        self.receiving.wanted.is_empty() && self.outbox.is_empty()
+    }
+
+    /// Documents the peer announced that are not stored here yet, by state:
+    /// (queued, syncing, stalled).
+    pub fn pending_docs(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for want in self.receiving.wanted.values() {
+            match want.state {
+                WantState::Queued => counts.0 += 1,
+                WantState::InFlight => counts.1 += 1,
+                WantState::Stalled => counts.2 += 1,
+            }
+        }
+        counts
+    }
+
+    /// The documents the peer announced that are not stored here yet, with
+    /// whether a sync exchange for them is running.
+    pub fn pending_doc_ids(&self) -> Vec<(DocId, bool)> {
+        let mut ids: Vec<(DocId, bool)> = self
+            .receiving
+            .wanted
+            .iter()
+            .map(|(id, w)| (*id, w.state == WantState::InFlight))
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Whether the driver should read more input: false while the transmit
@@ -833,8 +862,20 @@ impl Session {
                     continue;
                 }
             };
-            let empty = Automerge::new();
-            let am = ours.as_ref().map_or(&empty, |d| d.automerge());
+            let working = working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?;
+            let am = &working;
+            if self
+                .receiving
+                .wanted
+                .get(&doc)
+                .is_some_and(|w| contains_all(am, w.heads.as_slice()))
+            {
+                // It arrived meanwhile (from another peer, or an exchange
+                // the peer started).
+                drop(state);
+                self.resolve(doc);
+                continue;
+            }
             let mut message = generate(am, &mut state);
             if message.is_none() {
                 // automerge believes the peer has nothing for us: start over
@@ -980,10 +1021,9 @@ impl Session {
         };
         // Work on copies: automerge may panic or fail half-way, leaving the
         // document or the state damaged.
-        let mut working = ours
-            .as_ref()
-            .map_or_else(Automerge::new, |d| d.automerge().clone());
+        let mut working = working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?;
         let before = working.get_heads();
+        let carried = message_changes(&message);
         let received = catch_unwind(AssertUnwindSafe(|| {
             let mut next = state.clone();
             working
@@ -1007,12 +1047,20 @@ impl Session {
                 return Ok(());
             }
         };
+        // What to store: the changes automerge applied, and those it keeps
+        // queued for missing dependencies (the store keeps them too).
         let new_changes: Vec<Vec<u8>> = match catch_unwind(AssertUnwindSafe(|| {
-            working
+            let mut changes: Vec<Vec<u8>> = working
                 .get_changes(&before)
                 .iter()
                 .map(|c| c.raw_bytes().to_vec())
-                .collect()
+                .collect();
+            for change in &carried {
+                if working.get_change_meta_by_hash(&change.hash()).is_none() {
+                    changes.push(change.raw_bytes().to_vec());
+                }
+            }
+            changes
         })) {
             Ok(changes) => changes,
             Err(p) => {
@@ -1198,6 +1246,61 @@ enum Have {
 enum Stored {
     Fatal(Fatal),
     Refused(String),
+}
+
+/// A copy of `doc` (or a new document) with the store's changes that wait
+/// for dependencies queued in it, so automerge asks the peer for those
+/// dependencies rather than for changes it was already sent.
+fn working_copy<S: SyncStore>(
+    store: &S,
+    id: DocId,
+    doc: Option<&Automerge>,
+) -> Result<Automerge, StorageError> {
+    let mut working = doc.map_or_else(Automerge::new, Automerge::clone);
+    let pending = store.pending_changes(id)?;
+    if !pending.is_empty() {
+        let queued = catch_unwind(AssertUnwindSafe(|| {
+            let mut copy = working.clone();
+            let changes: Result<Vec<Change>, _> = pending
+                .iter()
+                .map(|raw| Change::from_bytes(raw.clone()))
+                .collect();
+            match changes {
+                Ok(changes) => copy.apply_changes(changes).ok().map(|()| copy),
+                Err(_) => None,
+            }
+        }));
+        if let Ok(Some(copy)) = queued {
+            working = copy;
+        }
+    }
+    Ok(working)
+}
+
+/// Every change a sync message carries: its chunks are single changes, or
+/// (in automerge's V2 messages) whole saved documents. automerge may apply
+/// only part of what it receives (FINDINGS.md), so the session stores all of
+/// it itself; the store applies what it can and keeps the rest waiting.
+fn message_changes(message: &AmMessage) -> Vec<Change> {
+    let mut out = Vec::new();
+    for raw in message.changes.iter() {
+        let Ok(chunks) = sync_message::split_chunks(raw) else {
+            continue;
+        };
+        for (kind, chunk) in chunks {
+            let parsed = catch_unwind(|| {
+                if kind == sync_message::CHUNK_DOCUMENT {
+                    Automerge::load(chunk).ok().map(|doc| doc.get_changes(&[]))
+                } else {
+                    Change::from_bytes(chunk.to_vec()).ok().map(|c| vec![c])
+                }
+            });
+            if let Ok(Some(changes)) = parsed {
+                out.extend(changes);
+            }
+        }
+    }
+    out
 }
 
 fn contains_all(doc: &Automerge, heads: &[ChangeHash]) -> bool {

@@ -43,6 +43,48 @@ pub fn decode(bytes: &[u8]) -> Result<AmMessage, SyncMessageError> {
     Ok(message)
 }
 
+/// automerge's chunk magic bytes.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// Chunk type of a saved document.
+pub const CHUNK_DOCUMENT: u8 = 0;
+
+/// Splits bytes holding one or more concatenated automerge chunks (what a
+/// sync message's change list or `save_incremental` produce) into
+/// `(chunk type, chunk bytes)`. Checks only the framing, not the contents.
+pub fn split_chunks(mut bytes: &[u8]) -> Result<Vec<(u8, &[u8])>, SyncMessageError> {
+    let bad = |what: &str| SyncMessageError::Malformed(format!("automerge chunk: {what}"));
+    let mut chunks = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return Err(bad("no chunk header"));
+        }
+        let kind = bytes[8];
+        let mut rest = &bytes[9..];
+        let mut len: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let (&byte, tail) = rest.split_first().ok_or_else(|| bad("truncated length"))?;
+            rest = tail;
+            if shift > 56 {
+                return Err(bad("length too long"));
+            }
+            len |= u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let header = bytes.len() - rest.len();
+        let len = usize::try_from(len).map_err(|_| bad("length out of range"))?;
+        if rest.len() < len {
+            return Err(bad("truncated contents"));
+        }
+        chunks.push((kind, &bytes[..header + len]));
+        bytes = &bytes[header + len..];
+    }
+    Ok(chunks)
+}
+
 fn describe(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
