@@ -984,6 +984,17 @@ impl Session {
             }
             Ok(None) => match self.receiving.wanted.get(&doc) {
                 Some(want) => (None, want.space.clone()),
+                #[cfg(feature = "planted-bugs")]
+                None if self.deferred.iter().any(|i| i.id == doc) => {
+                    // The planted bug acts as if what it holds were stored.
+                    let space = self
+                        .deferred
+                        .iter()
+                        .find(|i| i.id == doc)
+                        .map(|i| i.space.clone())
+                        .unwrap_or_default();
+                    (None, space)
+                }
                 None if message.changes.is_empty() => (None, String::new()),
                 None => {
                     self.end_exchange(doc, false);

@@ -71,7 +71,7 @@ impl SimConfig {
             seed,
             nodes,
             topology,
-            fault_phase: Duration::from_millis(rng.random_range(800..2500)),
+            fault_phase: Duration::from_millis(rng.random_range(300..1500)),
             action_every: Duration::from_millis(rng.random_range(8..30)),
             faults: true,
             #[cfg(feature = "planted-bugs")]
@@ -98,6 +98,8 @@ struct Node {
     disk: Disk,
     replica: Option<Replica>,
     restart_at: Option<Duration>,
+    /// The replica's sequence number when its sessions were last told.
+    told_seq: Option<u64>,
 }
 
 struct Conn {
@@ -194,6 +196,7 @@ impl Sim {
                 disk: Disk::default(),
                 replica: None,
                 restart_at: None,
+                told_seq: None,
             })
             .collect();
         Self {
@@ -467,9 +470,37 @@ impl Sim {
         }
     }
 
+    /// [`Self::feed_changed`] if node `i` committed since it was last told.
+    fn feed_changed_if_committed(&mut self, i: usize) {
+        let seq = self.nodes[i]
+            .replica
+            .as_ref()
+            .and_then(|r| r.read().ok())
+            .and_then(|s| s.seq().ok());
+        if seq != self.nodes[i].told_seq {
+            self.feed_changed(i);
+        } else {
+            // Still flush the connections: handling input queued frames.
+            let keys: Vec<(usize, usize)> = self
+                .conns
+                .keys()
+                .filter(|(a, b)| *a == i || *b == i)
+                .copied()
+                .collect();
+            for key in keys {
+                self.flush(key);
+            }
+        }
+    }
+
     /// Tells every session of node `i` that its replica committed, and
     /// flushes them.
     fn feed_changed(&mut self, i: usize) {
+        self.nodes[i].told_seq = self.nodes[i]
+            .replica
+            .as_ref()
+            .and_then(|r| r.read().ok())
+            .and_then(|s| s.seq().ok());
         let keys: Vec<(usize, usize)> = self
             .conns
             .keys()
@@ -589,7 +620,7 @@ impl Sim {
                 session.handle_input(replica, &frame, now);
             }
             // Received changes are commits: every session of the node hears.
-            self.feed_changed(receiver);
+            self.feed_changed_if_committed(receiver);
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
@@ -608,7 +639,7 @@ impl Sim {
             fired.push(conn.b);
         }
         for node in fired {
-            self.feed_changed(node);
+            self.feed_changed_if_committed(node);
         }
         self.flush(key);
     }
