@@ -206,6 +206,9 @@ impl Message {
     /// the payload's length.
     pub fn decode_payload(payload: &[u8]) -> Result<Self, FrameError> {
         let (&kind, body) = payload.split_first().ok_or(FrameError::Empty)?;
+        if !(kind::HELLO..=kind::CREDIT).contains(&kind) {
+            return Err(FrameError::UnknownType(kind));
+        }
         crate::frame::check_msgpack(body)?;
         // `check_msgpack` has checked that the body is exactly one value.
         fn body_of<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {

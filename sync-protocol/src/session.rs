@@ -1034,7 +1034,14 @@ impl Session {
         // document or the state damaged.
         let mut working = working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?;
         let before = working.get_heads();
-        let carried = message_changes(&message);
+        let carried = match message_changes(&message) {
+            Ok(carried) => carried,
+            Err(reason) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, reason);
+                return Ok(());
+            }
+        };
         let received = catch_unwind(AssertUnwindSafe(|| {
             let mut next = state.clone();
             working
@@ -1292,26 +1299,27 @@ fn working_copy<S: SyncStore>(
 /// (in automerge's V2 messages) whole saved documents. automerge may apply
 /// only part of what it receives (FINDINGS.md), so the session stores all of
 /// it itself; the store applies what it can and keeps the rest waiting.
-fn message_changes(message: &AmMessage) -> Vec<Change> {
+fn message_changes(message: &AmMessage) -> Result<Vec<Change>, String> {
     let mut out = Vec::new();
     for raw in message.changes.iter() {
-        let Ok(chunks) = sync_message::split_chunks(raw) else {
-            continue;
-        };
+        let chunks = sync_message::split_chunks(raw).map_err(|e| e.to_string())?;
         for (kind, chunk) in chunks {
             let parsed = catch_unwind(|| {
                 if kind == sync_message::CHUNK_DOCUMENT {
-                    Automerge::load(chunk).ok().map(|doc| doc.get_changes(&[]))
+                    Automerge::load(chunk)
+                        .map(|doc| doc.get_changes(&[]))
+                        .map_err(|e| format!("a document in the message: {e}"))
                 } else {
-                    Change::from_bytes(chunk.to_vec()).ok().map(|c| vec![c])
+                    Change::from_bytes(chunk.to_vec())
+                        .map(|c| vec![c])
+                        .map_err(|e| format!("a change in the message: {e}"))
                 }
-            });
-            if let Ok(Some(changes)) = parsed {
-                out.extend(changes);
-            }
+            })
+            .map_err(|p| format!("automerge panicked: {}", describe(&*p)))??;
+            out.extend(parsed);
         }
     }
-    out
+    Ok(out)
 }
 
 fn contains_all(doc: &Automerge, heads: &[ChangeHash]) -> bool {

@@ -1,0 +1,264 @@
+//! A session facing a misbehaving peer: every bad input gets a clear error
+//! frame, nothing panics, and nothing stored changes. The peer here is
+//! hand-written frames.
+
+use std::time::Duration;
+
+use concord_core::automerge::ROOT;
+use concord_core::automerge::transaction::Transactable;
+use concord_core::{DEFAULT_SPACE, DocId, NodeId, Replica};
+use concord_sync_protocol::handshake::{self, PROTOCOL_VERSION};
+use concord_sync_protocol::message::{Announce, Announcement, Subscribe, SyncData};
+use concord_sync_protocol::{ErrorCode, Event, Message, Session, SessionConfig, frame};
+use serde_bytes::{ByteArray, ByteBuf};
+
+const US: NodeId = NodeId::from_bytes([1; 32]);
+const PEER: NodeId = NodeId::from_bytes([2; 32]);
+const NOW: Duration = Duration::ZERO;
+
+struct Harness {
+    replica: Replica,
+    session: Session,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let replica = Replica::in_memory().expect("replica");
+        let session = Session::new(SessionConfig::new(US, PEER), NOW);
+        Self { replica, session }
+    }
+
+    fn send(&mut self, message: &Message) {
+        self.send_bytes(&frame::encode_frame(message));
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.session.handle_input(&self.replica, bytes, NOW);
+    }
+
+    /// Everything the session sent, decoded.
+    fn received(&mut self) -> Vec<Message> {
+        let mut decoder = frame::FrameDecoder::new(frame::DEFAULT_MAX_FRAME);
+        while let Some(bytes) = self.session.poll_transmit(&self.replica) {
+            decoder.push(&bytes);
+        }
+        let mut out = Vec::new();
+        while let Some(message) = decoder.next_message().expect("our own frames decode") {
+            out.push(message);
+        }
+        out
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.session.poll_event()).collect()
+    }
+
+    /// A completed handshake, with the peer subscribed to nothing.
+    fn established() -> Self {
+        let mut h = Self::new();
+        h.send(&Message::Hello(handshake::hello(
+            PEER,
+            &[PROTOCOL_VERSION],
+            frame::DEFAULT_MAX_FRAME,
+        )));
+        let sent = h.received();
+        assert!(matches!(sent[0], Message::Hello(_)));
+        assert!(matches!(sent[1], Message::Subscribe(_)));
+        assert_eq!(h.session.version(), Some(PROTOCOL_VERSION));
+        h
+    }
+
+    /// The session's last frame is an `Error` with `code`, and it is closed.
+    fn assert_ended_with(&mut self, code: ErrorCode) {
+        let sent = self.received();
+        match sent.last() {
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, code.as_u16(), "{e:?}");
+                assert!(!e.reason.is_empty());
+            }
+            other => panic!("expected an Error frame, got {other:?}"),
+        }
+        assert!(self.session.is_closed());
+        assert!(self.events().iter().any(|e| matches!(
+            e,
+            Event::Closed { code: c, by_peer: false, .. } if *c == code.as_u16()
+        )));
+    }
+
+    fn create(&self) -> DocId {
+        let mut tx = self.replica.begin().expect("begin");
+        let (id, ()) = tx
+            .create(DEFAULT_SPACE, |d| d.put(ROOT, "k", 1))
+            .expect("create");
+        tx.commit().expect("commit");
+        id
+    }
+}
+
+#[test]
+fn no_common_version_is_refused_with_a_reason() {
+    let mut h = Harness::new();
+    h.send(&Message::Hello(handshake::hello(PEER, &[99], 1 << 20)));
+    h.assert_ended_with(ErrorCode::UnsupportedVersion);
+}
+
+#[test]
+fn a_peer_claiming_another_node_id_is_refused() {
+    let mut h = Harness::new();
+    let other = NodeId::from_bytes([3; 32]);
+    h.send(&Message::Hello(handshake::hello(
+        other,
+        &[PROTOCOL_VERSION],
+        1 << 20,
+    )));
+    h.assert_ended_with(ErrorCode::WrongNode);
+}
+
+#[test]
+fn anything_before_the_handshake_is_refused() {
+    let mut h = Harness::new();
+    h.send(&Message::Subscribe(Subscribe {
+        since: 0,
+        credit: 10,
+    }));
+    h.assert_ended_with(ErrorCode::UnexpectedMessage);
+}
+
+#[test]
+fn garbage_after_the_handshake_ends_the_session() {
+    let mut h = Harness::established();
+    h.send_bytes(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]);
+    h.assert_ended_with(ErrorCode::UnknownMessageType);
+
+    let mut h = Harness::established();
+    h.send_bytes(&[0, 0, 0, 3, 4, 0xc1, 0x00]);
+    h.assert_ended_with(ErrorCode::MalformedFrame);
+}
+
+#[test]
+fn an_oversized_frame_is_refused_from_its_length() {
+    let mut h = Harness::established();
+    h.send_bytes(&u32::MAX.to_be_bytes());
+    h.assert_ended_with(ErrorCode::FrameTooLarge);
+}
+
+#[test]
+fn announcements_beyond_credit_or_out_of_order_are_refused() {
+    let announce = |from, to, n: u8| {
+        Message::Announce(Announce {
+            from,
+            to,
+            docs: (0..n)
+                .map(|i| Announcement {
+                    doc: ByteArray::new([i; 16]),
+                    space: DEFAULT_SPACE.into(),
+                    heads: Vec::new(),
+                })
+                .collect(),
+        })
+    };
+    let mut h = Harness::established();
+    h.send(&announce(5, 6, 1));
+    h.assert_ended_with(ErrorCode::UnexpectedMessage);
+
+    let mut config = SessionConfig::new(US, PEER);
+    config.announce_window = 2;
+    let mut h = Harness {
+        replica: Replica::in_memory().expect("replica"),
+        session: Session::new(config, NOW),
+    };
+    h.send(&Message::Hello(handshake::hello(
+        PEER,
+        &[PROTOCOL_VERSION],
+        1 << 20,
+    )));
+    h.send(&announce(0, 1, 3));
+    h.assert_ended_with(ErrorCode::LimitExceeded);
+}
+
+/// The 15-byte sync message of FINDINGS.md whose bloom filter declares
+/// u32::MAX probes: automerge accepts it and then aborts the process on the
+/// next `generate_sync_message`.
+fn abort_message() -> Vec<u8> {
+    let mut m = vec![0x42, 0x00, 0x00, 0x01, 0x00];
+    let bloom = [0x01, 0x08, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff];
+    m.push(bloom.len() as u8);
+    m.extend_from_slice(&bloom);
+    m.push(0x00);
+    m
+}
+
+#[test]
+fn hostile_sync_messages_fail_only_their_document() {
+    let mut h = Harness::established();
+    let id = h.create();
+    let before = h.replica.read().expect("read").get(id).expect("get");
+    let hostile: Vec<Vec<u8>> = vec![
+        abort_message(),
+        vec![0x42, 0x05],
+        // A V1 message with one "change" of garbage.
+        vec![0x42, 0, 0, 0, 1, 4, 0x85, 0x6f, 0x4a, 0x83],
+        Vec::new(),
+    ];
+    for data in hostile {
+        h.send(&Message::Sync(SyncData {
+            doc: ByteArray::new(*id.as_bytes()),
+            data: ByteBuf::from(data),
+        }));
+        let sent = h.received();
+        assert!(
+            sent.iter().any(|m| matches!(m, Message::DocError(e)
+                if e.code == ErrorCode::InvalidSyncMessage.as_u16() && e.doc.into_array() == *id.as_bytes())),
+            "no DocError for a hostile sync message: {sent:?}"
+        );
+        assert!(!h.session.is_closed(), "the session must go on");
+    }
+    let after = h.replica.read().expect("read").get(id).expect("get");
+    assert_eq!(before.heads(), after.heads());
+    assert_eq!(before.to_json(), after.to_json());
+    // The session still works: a real sync message for the document is
+    // answered.
+    let mut state = concord_core::automerge::sync::State::new();
+    let empty = concord_core::automerge::Automerge::new();
+    let first = concord_core::automerge::sync::SyncDoc::generate_sync_message(&empty, &mut state)
+        .expect("first message");
+    h.send(&Message::Sync(SyncData {
+        doc: ByteArray::new(*id.as_bytes()),
+        data: ByteBuf::from(first.encode()),
+    }));
+    assert!(
+        h.received()
+            .iter()
+            .any(|m| matches!(m, Message::Sync(s) if s.doc.into_array() == *id.as_bytes()))
+    );
+}
+
+#[test]
+fn changes_for_a_document_never_announced_are_refused() {
+    let mut h = Harness::established();
+    let mut source = concord_core::automerge::AutoCommit::new();
+    source.put(ROOT, "x", 1).expect("put");
+    let mut state = concord_core::automerge::sync::State::new();
+    // Make automerge send its changes: tell it we have nothing.
+    let mut peer_state = concord_core::automerge::sync::State::new();
+    let empty = concord_core::automerge::Automerge::new();
+    let ask =
+        concord_core::automerge::sync::SyncDoc::generate_sync_message(&empty, &mut peer_state)
+            .expect("ask");
+    let mut sync = source.sync();
+    concord_core::automerge::sync::SyncDoc::receive_sync_message(&mut sync, &mut state, ask)
+        .expect("receive");
+    let with_changes =
+        concord_core::automerge::sync::SyncDoc::generate_sync_message(&sync, &mut state)
+            .expect("changes");
+    let unknown = DocId::from_bytes([7; 16]);
+    h.send(&Message::Sync(SyncData {
+        doc: ByteArray::new(*unknown.as_bytes()),
+        data: ByteBuf::from(with_changes.encode()),
+    }));
+    let sent = h.received();
+    assert!(sent.iter().any(|m| matches!(m, Message::DocError(e)
+        if e.code == ErrorCode::UnknownDocument.as_u16())));
+    assert!(h.replica.read().expect("read").is_empty().expect("empty"));
+    assert!(!h.session.is_closed());
+}
