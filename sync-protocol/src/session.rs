@@ -54,6 +54,9 @@ use crate::sync_message;
 /// Bytes a frame spends besides a `Sync` message's automerge payload.
 const SYNC_OVERHEAD: usize = 64;
 
+/// Sync states held for saving before a save is forced.
+const MAX_UNSAVED_STATES: usize = 1024;
+
 /// A bug to plant in a session, so that a test can show the simulator
 /// catches it. Only with the `planted-bugs` feature.
 #[cfg(feature = "planted-bugs")]
@@ -707,6 +710,17 @@ impl Session {
                 }
             }
         }
+        // Merge a range that needs nothing into a previous one that needs
+        // nothing either, so empty announcements cannot pile up ranges.
+        let r = &mut self.receiving;
+        if r.ranges.len() >= 2
+            && r.ranges.back().is_some_and(|b| b.outstanding == 0)
+            && r.ranges[r.ranges.len() - 2].outstanding == 0
+            && let Some(last) = r.ranges.pop_back()
+            && let Some(back) = r.ranges.back_mut()
+        {
+            back.to = last.to;
+        }
         #[cfg(feature = "planted-bugs")]
         if too_far {
             // The bug: claim the whole range at once and save it.
@@ -933,6 +947,10 @@ impl Session {
         {
             self.unsaved_states.push((doc, state.encode()));
             self.schedule_save();
+            if self.unsaved_states.len() >= MAX_UNSAVED_STATES {
+                // Save at the next turn rather than hold more.
+                self.next_save = Some(self.now);
+            }
         }
         if self
             .receiving
