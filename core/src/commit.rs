@@ -335,6 +335,37 @@ fn current(
     Ok(Some(Current { row, doc }))
 }
 
+/// The stored row of `id`, if any.
+fn stored_row(tables: &Tables<'_>, id: DocId) -> Result<Option<DocRow>, DocError> {
+    match tables
+        .docs
+        .get(*id.as_bytes())
+        .map_err(StorageError::from)?
+    {
+        Some(bytes) => Ok(Some(DocRow::decode(id, bytes.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// The stored document of `row`: from the cache when it holds that state
+/// (taken out of it, since it will change), else loaded.
+fn stored_doc(
+    shared: &Shared,
+    tables: &Tables<'_>,
+    id: DocId,
+    row: &DocRow,
+) -> Result<Arc<Automerge>, DocError> {
+    match shared.cache.take(id, &row.heads()) {
+        Some(doc) => Ok(doc),
+        None => Ok(Arc::new(document::load(
+            id,
+            row,
+            &tables.snapshots,
+            &tables.log,
+        )?)),
+    }
+}
+
 fn owned(doc: Arc<Automerge>) -> Automerge {
     Arc::try_unwrap(doc).unwrap_or_else(|shared| (*shared).clone())
 }
@@ -350,11 +381,20 @@ fn prepare_local(
     let mut taken: Vec<(DocId, Current)> = Vec::new();
     let result = (|| {
         for write in writes {
-            let existing = current(shared, tables, finished, write.id)
-                .map_err(|e| RequestError::Commit(e.into()))?;
-            let (row, doc) = match existing {
-                Some(cur) if write.created => {
-                    taken.push((write.id, cur));
+            // The row first: when the document is still at the state the
+            // transaction started from (the common case), its stored copy is
+            // not needed at all — the transaction's working copy is the new
+            // state.
+            let from_batch = finished.remove(&write.id);
+            let row = match &from_batch {
+                Some(cur) => Some(cur.row.clone()),
+                None => stored_row(tables, write.id).map_err(|e| RequestError::Commit(e.into()))?,
+            };
+            let (row, doc) = match row {
+                Some(_) if write.created => {
+                    if let Some(cur) = from_batch {
+                        taken.push((write.id, cur));
+                    }
                     return Err(RequestError::Commit(CommitError::AlreadyExists(write.id)));
                 }
                 None if write.created => (
@@ -370,18 +410,37 @@ fn prepare_local(
                     write.doc,
                 ),
                 None => return Err(RequestError::Commit(DocError::NotFound(write.id).into())),
-                Some(cur) if cur.row.heads() == write.base => (cur.row, write.doc),
-                Some(cur) => {
+                Some(row) if row.heads() == write.base => {
+                    if let Some(cur) = from_batch {
+                        taken.push((write.id, cur));
+                    }
+                    (row, write.doc)
+                }
+                Some(row) => {
                     // Another transaction changed the document since this
                     // one's snapshot: merge, as for a concurrent replica.
-                    let mut doc = owned(cur.doc);
+                    let current = match from_batch {
+                        Some(cur) => {
+                            taken.push((
+                                write.id,
+                                Current {
+                                    row: cur.row.clone(),
+                                    doc: Arc::clone(&cur.doc),
+                                },
+                            ));
+                            cur.doc
+                        }
+                        None => stored_doc(shared, tables, write.id, &row)
+                            .map_err(|e| RequestError::Commit(e.into()))?,
+                    };
+                    let mut doc = owned(current);
                     contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
                         RequestError::Commit(CommitError::Merge {
                             id: write.id,
                             reason,
                         })
                     })?;
-                    (cur.row, doc)
+                    (row, doc)
                 }
             };
             let mut row = row;

@@ -1,0 +1,156 @@
+//! Workload C1 (BENCHMARKS.md): the local durable commit rate.
+//!
+//! In one run, on the same disk, in the same commit mode (redb two-phase
+//! commit, fsync before returning):
+//!
+//! - raw redb: one-row durable commits;
+//! - Concord, one thread: single-key transactions (`begin`, `change`,
+//!   `commit`) on one document;
+//! - Concord, 8 threads: the same, each thread on its own document; group
+//!   commit lets concurrent transactions share an fsync, each acknowledged
+//!   only once durable.
+//!
+//! Prints one JSON line. Targets: one thread ≥ 80% of raw redb's rate, 8
+//! threads ≥ 5× one thread. Nothing is asserted: the figures are printed.
+//!
+//! ```sh
+//! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--dir PATH]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use concord_core::automerge::ROOT;
+use concord_core::automerge::transaction::Transactable;
+use concord_core::{DEFAULT_SPACE, DocId, Replica};
+use redb::TableDefinition;
+
+const RAW: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raw");
+
+struct Args {
+    commits: u64,
+    threads: u64,
+    runs: usize,
+    dir: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        commits: 10_000,
+        threads: 8,
+        runs: 1,
+        dir: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        match arg.as_str() {
+            "--commits" => args.commits = value("--commits").parse().expect("--commits N"),
+            "--threads" => args.threads = value("--threads").parse().expect("--threads N"),
+            "--runs" => args.runs = value("--runs").parse().expect("--runs N"),
+            "--dir" => args.dir = Some(PathBuf::from(value("--dir"))),
+            // cargo bench passes --bench; ignore what is not ours.
+            _ => {}
+        }
+    }
+    args.commits = args.commits.max(1);
+    args.threads = args.threads.max(1);
+    args.runs = args.runs.max(1);
+    args
+}
+
+/// Raw redb: `commits` one-row durable commits with two-phase commit.
+fn raw_redb(path: &Path, commits: u64) -> f64 {
+    let db = redb::Database::create(path).expect("create redb file");
+    let value = [7u8; 64];
+    let started = Instant::now();
+    for i in 0..commits {
+        let mut tx = db.begin_write().expect("begin");
+        tx.set_two_phase_commit(true);
+        {
+            let mut table = tx.open_table(RAW).expect("table");
+            table.insert(i, value.as_slice()).expect("insert");
+        }
+        tx.commit().expect("commit");
+    }
+    commits as f64 / started.elapsed().as_secs_f64()
+}
+
+fn create_docs(replica: &Replica, n: u64) -> Vec<DocId> {
+    let mut tx = replica.begin().expect("begin");
+    let ids = (0..n)
+        .map(|_| {
+            tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "k", 0))
+                .expect("create")
+                .0
+        })
+        .collect();
+    tx.commit().expect("commit");
+    ids
+}
+
+fn commit_loop(replica: &Replica, id: DocId, commits: u64) {
+    for i in 0..commits {
+        let mut tx = replica.begin().expect("begin");
+        tx.change(id, |d| d.put(ROOT, "k", i as i64))
+            .expect("change");
+        tx.commit().expect("commit");
+    }
+}
+
+/// Concord: `commits` single-key transactions spread over `threads` threads,
+/// each on its own document.
+fn concord(path: &Path, commits: u64, threads: u64) -> f64 {
+    let replica = Replica::open(path).expect("open replica");
+    let ids = create_docs(&replica, threads);
+    let per_thread = commits / threads;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for id in &ids {
+            let replica = &replica;
+            s.spawn(move || commit_loop(replica, *id, per_thread));
+        }
+    });
+    (per_thread * threads) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let args = args();
+    let dir = match &args.dir {
+        Some(dir) => tempfile::tempdir_in(dir),
+        // Next to the build output: the same disk the project lives on.
+        None => tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")),
+    }
+    .expect("temporary directory");
+    let (mut raw, mut one, mut many) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        let file = |name: &str| dir.path().join(format!("{name}-{run}.redb"));
+        raw.push(raw_redb(&file("raw"), args.commits));
+        one.push(concord(&file("one"), args.commits, 1));
+        many.push(concord(&file("many"), args.commits, args.threads));
+    }
+    let (raw, one, many) = (median(raw), median(one), median(many));
+    let one_vs_raw = one / raw;
+    let many_vs_one = many / one;
+    let report = serde_json::json!({
+        "workload": "C1",
+        "commits": args.commits,
+        "threads": args.threads,
+        "runs": args.runs,
+        "commit_mode": "redb two-phase commit, fsync per commit",
+        "dir": dir.path().display().to_string(),
+        "raw_redb_commits_per_s": raw.round(),
+        "concord_1_thread_commits_per_s": one.round(),
+        "concord_threads_commits_per_s": many.round(),
+        "one_thread_vs_raw": (one_vs_raw * 1000.0).round() / 1000.0,
+        "threads_vs_one_thread": (many_vs_one * 1000.0).round() / 1000.0,
+        "targets": { "one_thread_vs_raw": 0.8, "threads_vs_one_thread": 5.0 },
+        "meets_targets": one_vs_raw >= 0.8 && many_vs_one >= 5.0,
+    });
+    println!("{report}");
+}
