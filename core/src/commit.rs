@@ -12,7 +12,9 @@
 //! fails the whole batch, which redb then rolls back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use automerge::{Automerge, Change, ChangeHash};
 use redb::{ReadableTable, Table};
@@ -27,6 +29,10 @@ use crate::{DocId, Heads, NodeId};
 
 /// The most requests one leader commits in one redb transaction.
 const MAX_BATCH: usize = 256;
+
+/// How long a leader waits for transactions already writing to join its
+/// batch. Only when some are: a lone writer never waits.
+const GATHER: Duration = Duration::from_micros(250);
 
 /// A document written by a local transaction.
 pub(crate) struct LocalWrite {
@@ -110,6 +116,39 @@ struct Queue {
 pub(crate) struct Committer {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Signalled when a request is queued, for a leader gathering its batch.
+    arrived: Condvar,
+    /// Local transactions that have written and not yet been submitted.
+    writers: AtomicUsize,
+}
+
+/// Marks a transaction that has written and will probably commit soon, so a
+/// leader can wait briefly for it to share its fsync. Dropping it (when the
+/// request is queued, or the transaction dropped) unmarks it.
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.committer.writers.fetch_add(1, Ordering::SeqCst);
+        Self {
+            shared: Arc::clone(shared),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.shared.committer.writers.fetch_sub(1, Ordering::SeqCst);
+        self.shared.committer.arrived.notify_all();
+    }
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Writer")
+    }
 }
 
 impl std::fmt::Debug for Committer {
@@ -124,11 +163,15 @@ impl Committer {
         &self,
         shared: &Shared,
         request: Request,
+        writer: Option<Writer>,
     ) -> Result<Option<Committed>, RequestError> {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
         queue.waiting.push((ticket, request));
+        // Queued: no longer a writer to wait for (this also wakes a leader
+        // that is gathering).
+        drop(writer);
         loop {
             if let Some(outcome) = queue.done.remove(&ticket) {
                 return outcome;
@@ -141,8 +184,21 @@ impl Committer {
                 continue;
             }
             // Lead: take what is queued (our own request among it, unless an
-            // earlier leader already took it) and commit it.
+            // earlier leader already took it) and commit it. Transactions
+            // that are writing right now get a moment to join.
             queue.leader_busy = true;
+            let deadline = Instant::now() + GATHER;
+            while self.writers.load(Ordering::SeqCst) > 0 && queue.waiting.len() < MAX_BATCH {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                queue = self
+                    .arrived
+                    .wait_timeout(queue, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
             let take = queue.waiting.len().min(MAX_BATCH);
             let batch: Vec<(u64, Request)> = queue.waiting.drain(..take).collect();
             drop(queue);

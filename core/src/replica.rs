@@ -269,6 +269,7 @@ impl Replica {
             lease,
             writes: Default::default(),
             message: None,
+            writer: None,
         })
     }
 
@@ -334,10 +335,10 @@ impl Replica {
                 }
             }
         }
-        let committed = self
-            .shared
-            .committer
-            .submit(&self.shared, Request::Remote(origin, writes))?;
+        let committed =
+            self.shared
+                .committer
+                .submit(&self.shared, Request::Remote(origin, writes), None)?;
         Ok(Receipt {
             seq: committed.as_ref().map(|c| c.seq),
             docs: committed.map(|c| c.docs).unwrap_or_default(),

@@ -8,7 +8,7 @@ use automerge::transaction::{CommitOptions, Transaction as AmTransaction};
 use automerge::{Automerge, AutomergeError, Change};
 
 use crate::actor::ActorLease;
-use crate::commit::{LocalWrite, Request};
+use crate::commit::{LocalWrite, Request, Writer};
 use crate::document::Document;
 use crate::error::{CommitError, DocError, TxError};
 use crate::feed::DocChange;
@@ -39,6 +39,8 @@ pub struct Transaction {
     pub(crate) lease: ActorLease,
     pub(crate) writes: BTreeMap<DocId, LocalWrite>,
     pub(crate) message: Option<String>,
+    /// Set once the transaction writes (see [`Writer`]).
+    pub(crate) writer: Option<Writer>,
 }
 
 impl std::fmt::Debug for Transaction {
@@ -122,6 +124,9 @@ impl Transaction {
         let mut doc = Automerge::new().with_actor(self.lease.actor().clone());
         let stamp = self.stamp();
         let (result, change) = make_change(&mut doc, id, &stamp, true, init)?;
+        if self.writer.is_none() {
+            self.writer = Some(Writer::new(&self.shared));
+        }
         self.writes.insert(
             id,
             LocalWrite {
@@ -147,6 +152,9 @@ impl Transaction {
         if !self.writes.contains_key(&id) {
             let write = self.start_write(id)?;
             self.writes.insert(id, write);
+        }
+        if self.writer.is_none() {
+            self.writer = Some(Writer::new(&self.shared));
         }
         let stamp = self.stamp();
         let write = self
@@ -199,6 +207,7 @@ impl Transaction {
             snapshot,
             lease,
             writes,
+            writer,
             ..
         } = self;
         // The snapshot's read transaction is not needed any more; let redb
@@ -214,7 +223,9 @@ impl Transaction {
                 docs: Vec::new(),
             });
         }
-        let committed = shared.committer.submit(&shared, Request::Local(writes))?;
+        let committed = shared
+            .committer
+            .submit(&shared, Request::Local(writes), writer)?;
         // The actor may be reused only once its changes are durable (or
         // discarded): the lease ends here.
         drop(lease);
