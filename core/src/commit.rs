@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use automerge::{Automerge, Change, ChangeHash};
@@ -107,9 +108,13 @@ type Outcome = Result<Option<Committed>, RequestError>;
 #[derive(Default)]
 struct Queue {
     waiting: Vec<(u64, Request)>,
+    /// The threads whose requests are waiting.
+    waiting_threads: Vec<ThreadId>,
     done: HashMap<u64, Outcome>,
     next_ticket: u64,
     leader_busy: bool,
+    /// The threads whose requests made the last batch.
+    last_batch: Vec<ThreadId>,
 }
 
 #[derive(Default)]
@@ -169,9 +174,10 @@ impl Committer {
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
         queue.waiting.push((ticket, request));
-        // Queued: no longer a writer to wait for (this also wakes a leader
-        // that is gathering).
+        queue.waiting_threads.push(std::thread::current().id());
+        // Queued: no longer a writer to wait for; wake a gathering leader.
         drop(writer);
+        self.arrived.notify_all();
         loop {
             if let Some(outcome) = queue.done.remove(&ticket) {
                 return outcome;
@@ -188,7 +194,19 @@ impl Committer {
             // that are writing right now get a moment to join.
             queue.leader_busy = true;
             let deadline = Instant::now() + GATHER;
-            while self.writers.load(Ordering::SeqCst) > 0 && queue.waiting.len() < MAX_BATCH {
+            // Under steady load the last batch's committers come back for
+            // the next one, beside those that queued while it ran: expect
+            // every thread of either.
+            let mut threads: Vec<ThreadId> = Vec::with_capacity(queue.last_batch.len());
+            for thread in queue.last_batch.iter().chain(&queue.waiting_threads) {
+                if !threads.contains(thread) {
+                    threads.push(*thread);
+                }
+            }
+            let expected = threads.len().min(MAX_BATCH);
+            while (self.writers.load(Ordering::SeqCst) > 0 || queue.waiting.len() < expected)
+                && queue.waiting.len() < MAX_BATCH
+            {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
@@ -200,6 +218,7 @@ impl Committer {
                     .0;
             }
             let take = queue.waiting.len().min(MAX_BATCH);
+            queue.last_batch = queue.waiting_threads.drain(..take).collect();
             let batch: Vec<(u64, Request)> = queue.waiting.drain(..take).collect();
             drop(queue);
             let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
@@ -295,21 +314,18 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
     let mut events = Vec::new();
     let mut finished: HashMap<DocId, Current> = HashMap::new();
     {
-        let mut meta = tx.open_table(store::META)?;
-        let mut seq = match meta.get(store::META_SEQ)? {
-            Some(v) => store::u64_value(v.value())?,
-            None => return Err(StorageError::Damaged("no sequence number".into())),
-        };
-        let mut log_key = match meta.get(store::META_LOG)? {
-            Some(v) => store::u64_value(v.value())?,
-            None => return Err(StorageError::Damaged("no log counter".into())),
-        };
         let mut tables = Tables {
             docs: tx.open_table(store::DOCS)?,
             snapshots: tx.open_table(store::SNAPSHOTS)?,
             log: tx.open_table(store::LOG)?,
             pending: tx.open_table(store::PENDING)?,
             feed: tx.open_table(store::FEED)?,
+        };
+        // The last sequence number is the feed's last key: the latest
+        // commit's entries are never superseded.
+        let mut seq = match tables.feed.last()? {
+            Some((key, _)) => key.value().0,
+            None => 0,
         };
         for (ticket, request) in batch {
             let (origin, prepared) = match request {
@@ -342,7 +358,7 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
                         heads: Heads::from_raw(update.row.heads.clone()),
                     });
                 }
-                let current = write_update(shared, &mut tables, &mut log_key, seq, update)?;
+                let current = write_update(shared, &mut tables, seq, update)?;
                 finished.insert(current.0, current.1);
             }
             if changed {
@@ -356,8 +372,6 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
                 outcomes.push((ticket, Ok(None)));
             }
         }
-        meta.insert(store::META_SEQ, seq.to_le_bytes().as_slice())?;
-        meta.insert(store::META_LOG, log_key.to_le_bytes().as_slice())?;
     }
     tx.commit()?;
     Ok((outcomes, events, finished))
@@ -719,7 +733,6 @@ fn prepare_remote_doc(
 fn write_update(
     shared: &Shared,
     tables: &mut Tables<'_>,
-    log_key: &mut u64,
     seq: u64,
     update: DocUpdate,
 ) -> Result<(DocId, Current), StorageError> {
@@ -758,9 +771,10 @@ fn write_update(
         row.log_count = 0;
         row.log_bytes = 0;
     } else {
-        for change in &log {
-            tables.log.insert((key, *log_key), change.raw_bytes())?;
-            *log_key += 1;
+        // Log keys count up per document from its last compaction.
+        for (i, change) in log.iter().enumerate() {
+            let log_key = u64::from(row.log_count) + i as u64;
+            tables.log.insert((key, log_key), change.raw_bytes())?;
         }
         row.log_count = log_count;
         row.log_bytes = log_bytes;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use redb::ReadableTableMetadata;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use crate::document::{self, Document};
 use crate::error::{DocError, StorageError};
@@ -145,11 +145,10 @@ impl Snapshot {
 
     /// The sequence number of the last commit in this snapshot (0 for none).
     pub fn seq(&self) -> Result<u64, StorageError> {
-        let meta = self.read.open_table(store::META)?;
-        match meta.get(store::META_SEQ)? {
-            Some(v) => store::u64_value(v.value()),
-            None => Err(StorageError::Damaged("no sequence number".into())),
-        }
+        // The latest commit's entries are never superseded: the feed's last
+        // key is the last sequence number.
+        let feed = self.read.open_table(store::FEED)?;
+        Ok(feed.last()?.map_or(0, |(key, _)| key.value().0))
     }
 
     /// About `limit` feed entries after `since`, and how far in the feed they

@@ -2,12 +2,12 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | name | bytes: `format` = `b"concord-store"`, `version` = u32 LE, `seq` = u64 LE (last change-feed number), `log` = u64 LE (next log key) |
+//! | `meta` | name | bytes: `format` = `b"concord-store"`, `version` = u32 LE |
 //! | `docs` | doc id (16 bytes) | MessagePack [`DocRow`]: space, heads, feed number, log and snapshot sizes |
 //! | `snapshots` | doc id | automerge `save()` of the document as of its last compaction |
-//! | `log` | (doc id, log key) | one automerge change applied since the snapshot |
+//! | `log` | (doc id, n) | the n-th automerge change applied since the document's snapshot |
 //! | `pending` | (doc id, change hash) | a received change whose dependencies have not arrived |
-//! | `feed` | (feed number, doc id) | empty, or the 32-byte id of a peer known to hold the document in exactly this state — only each document's latest entry is kept |
+//! | `feed` | (feed number, doc id); the last key is the replica's last feed number | empty, or the 32-byte id of a peer known to hold the document in exactly this state — only each document's latest entry is kept |
 //! | `peers` | node id (32 bytes) | u64 LE: the checkpoint in that peer's feed |
 //! | `sync_states` | (node id, doc id) | automerge `sync::State::encode()` for that peer and document |
 
@@ -38,8 +38,6 @@ pub(crate) const SYNC_STATES: TableDefinition<'_, ([u8; 32], [u8; 16]), &[u8]> =
 
 pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_VERSION: &str = "version";
-pub(crate) const META_SEQ: &str = "seq";
-pub(crate) const META_LOG: &str = "log";
 
 /// Everything the replica keeps about one document besides its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,12 +82,6 @@ impl DocRow {
         let stored = self.snapshot_bytes.saturating_add(self.log_bytes);
         usize::try_from(stored.saturating_mul(16).saturating_add(8192)).unwrap_or(usize::MAX)
     }
-}
-
-pub(crate) fn u64_value(bytes: &[u8]) -> Result<u64, StorageError> {
-    <[u8; 8]>::try_from(bytes)
-        .map(u64::from_le_bytes)
-        .map_err(|_| StorageError::Damaged("metadata counter is not 8 bytes".into()))
 }
 
 /// How the file is opened.
@@ -311,8 +303,6 @@ fn initialise(db: &redb::Database) -> Result<(), StorageError> {
         let mut meta = tx.open_table(META)?;
         meta.insert(META_FORMAT, FORMAT_MAGIC)?;
         meta.insert(META_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
-        meta.insert(META_SEQ, 0u64.to_le_bytes().as_slice())?;
-        meta.insert(META_LOG, 0u64.to_le_bytes().as_slice())?;
         tx.open_table(DOCS)?;
         tx.open_table(SNAPSHOTS)?;
         tx.open_table(LOG)?;
