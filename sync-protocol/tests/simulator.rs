@@ -84,3 +84,12 @@ fn the_simulator_catches_a_checkpoint_advanced_too_far() {
 fn the_simulator_catches_dropped_relay_announcements() {
     assert_caught(PlantedBug::DropRelayAnnouncements, 100);
 }
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [7, 8] {
+        let first = run(SimConfig::from_seed(seed)).unwrap_or_else(|f| panic!("{f}"));
+        let again = run(SimConfig::from_seed(seed)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(format!("{first:?}"), format!("{again:?}"), "seed {seed}");
+    }
+}
