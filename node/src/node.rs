@@ -1,0 +1,564 @@
+//! [`Node`]: a replica, a QUIC endpoint and its peers, running.
+//!
+//! The node dials the configured peers that have an address (reconnecting
+//! with exponential backoff and jitter after any loss), accepts trusted
+//! peers, keeps one connection per pair (when both dial at once, the
+//! connection dialled by the smaller node id wins), and runs a sync session
+//! on each. Going offline closes every connection and stops dialling; local
+//! reads and writes go on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use concord_core::{NodeId, Replica};
+use concord_sync_protocol::Event;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::identity::{Identity, IdentityError};
+use crate::peer::{Backoff, Context, run_session};
+use crate::tls::{self, Trust};
+
+/// The store's file name in the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+/// A peer the node knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub id: NodeId,
+    /// Where to dial it; `None` to only accept it.
+    pub addr: Option<SocketAddr>,
+}
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// The data directory (identity and store).
+    pub data_dir: PathBuf,
+    /// The UDP address for QUIC.
+    pub listen: SocketAddr,
+    /// The peers.
+    pub peers: Vec<PeerConfig>,
+    /// Start with the network off.
+    pub offline: bool,
+}
+
+impl NodeConfig {
+    /// A node in `data_dir` listening on `listen`, with no peers.
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen,
+            peers: Vec::new(),
+            offline: false,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The store.
+    #[error("store: {0}")]
+    Store(#[from] concord_core::OpenError),
+    /// TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Binding the UDP socket.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// A peer's state, as [`Node::status`] reports it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Its node id.
+    pub node_id: NodeId,
+    /// Its configured address, if any.
+    pub addr: Option<String>,
+    /// Whether a session is running with it.
+    pub connected: bool,
+    /// UDP payload bytes sent to it, over the node's life.
+    pub bytes_sent: u64,
+    /// UDP payload bytes received from it, over the node's life.
+    pub bytes_received: u64,
+    /// When its changes were last stored here or everything it announced
+    /// was found here, seconds since the Unix epoch.
+    pub last_sync: Option<u64>,
+}
+
+/// The node's state (the body of `GET /v1/status`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Status {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Documents stored.
+    pub documents: u64,
+    /// The replica's last change-feed number.
+    pub seq: u64,
+    /// Whether the network is on.
+    pub online: bool,
+    /// Every configured or connected peer.
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Default)]
+struct PeerEntry {
+    addr: Option<SocketAddr>,
+    /// The live connection, and whether it was dialled by the smaller id.
+    connection: Option<(quinn::Connection, bool)>,
+    /// Whether the session on it completed its handshake (the peer
+    /// accepted us too: a refused client's `connect` succeeds all the same).
+    established: bool,
+    /// Bytes of connections that have ended.
+    bytes_sent: u64,
+    bytes_received: u64,
+    last_sync: Option<u64>,
+}
+
+struct Inner {
+    identity: Identity,
+    replica: Replica,
+    endpoint: quinn::Endpoint,
+    started: Instant,
+    peers: Mutex<HashMap<NodeId, PeerEntry>>,
+    feed: watch::Sender<u64>,
+    /// Online and not shutting down.
+    connected: watch::Sender<bool>,
+    online: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, PeerEntry>> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn context(self: &Arc<Self>) -> Context {
+        let inner = Arc::clone(self);
+        Context {
+            replica: self.replica.clone(),
+            local: self.identity.node_id(),
+            started: self.started,
+            feed: self.feed.subscribe(),
+            connected: self.connected.subscribe(),
+            on_event: Arc::new(move |peer, event| inner.on_event(peer, event)),
+        }
+    }
+
+    fn on_event(&self, peer: NodeId, event: &Event) {
+        match event {
+            Event::Established { version, .. } => {
+                info!(%peer, version, "session established");
+                self.peers().entry(peer).or_default().established = true;
+            }
+            Event::Applied { .. } | Event::CaughtUp { .. } => {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .ok();
+                self.peers().entry(peer).or_default().last_sync = now;
+            }
+            Event::DocFailed { doc, code, reason } => {
+                warn!(%peer, %doc, ?code, %reason, "document sync failed");
+            }
+            Event::PeerDocError { doc, code, reason } => {
+                warn!(%peer, %doc, code, %reason, "the peer failed a document sync");
+            }
+            Event::Closed {
+                code,
+                reason,
+                by_peer,
+            } => info!(%peer, code, %reason, by_peer, "session closed"),
+            _ => {}
+        }
+    }
+
+    /// Registers a new connection with `peer`; false if another connection
+    /// with it wins (the new one is then closed).
+    fn register(&self, peer: NodeId, connection: &quinn::Connection, dialled_by_us: bool) -> bool {
+        let us = self.identity.node_id();
+        let by_smaller = if dialled_by_us { us < peer } else { peer < us };
+        let mut peers = self.peers();
+        let entry = peers.entry(peer).or_default();
+        if let Some((existing, existing_by_smaller)) = &entry.connection
+            && existing.close_reason().is_none()
+        {
+            if *existing_by_smaller || !by_smaller {
+                connection.close(1u32.into(), b"duplicate connection");
+                return false;
+            }
+            existing.close(1u32.into(), b"duplicate connection");
+        }
+        entry.connection = Some((connection.clone(), by_smaller));
+        entry.established = false;
+        true
+    }
+
+    /// The connection ended: keep its byte counts.
+    fn unregister(&self, peer: NodeId, connection: &quinn::Connection) {
+        let stats = connection.stats();
+        let mut peers = self.peers();
+        let entry = peers.entry(peer).or_default();
+        entry.bytes_sent += stats.udp_tx.bytes;
+        entry.bytes_received += stats.udp_rx.bytes;
+        if entry
+            .connection
+            .as_ref()
+            .is_some_and(|(c, _)| c.stable_id() == connection.stable_id())
+        {
+            entry.connection = None;
+            entry.established = false;
+        }
+    }
+
+    fn is_connected(&self, peer: &NodeId) -> bool {
+        self.peers().get(peer).is_some_and(|e| {
+            e.established
+                && e.connection
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.close_reason().is_none())
+        })
+    }
+
+    /// A live connection (established or not), so the dialler does not dial
+    /// again while an inbound one is being set up.
+    fn has_connection(&self, peer: &NodeId) -> bool {
+        self.peers()
+            .get(peer)
+            .and_then(|e| e.connection.as_ref())
+            .is_some_and(|(c, _)| c.close_reason().is_none())
+    }
+
+    /// Runs a session on an established connection until it ends.
+    async fn serve(self: Arc<Self>, peer: NodeId, connection: quinn::Connection, dialled: bool) {
+        if !self.register(peer, &connection, dialled) {
+            return;
+        }
+        let streams = if dialled {
+            connection.open_bi().await
+        } else {
+            connection.accept_bi().await
+        };
+        match streams {
+            Ok((send, recv)) => {
+                run_session(self.context(), peer, send, recv).await;
+            }
+            Err(e) => debug!(%peer, error = %e, "no stream"),
+        }
+        connection.close(0u32.into(), b"session over");
+        self.unregister(peer, &connection);
+    }
+}
+
+/// A running node. Dropping it without [`Node::shutdown`] stops its tasks
+/// abruptly; shutting down closes connections cleanly.
+pub struct Node {
+    inner: Arc<Inner>,
+    tasks: JoinSet<()>,
+    feed_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.inner.identity.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts a node: opens its identity and store, binds the endpoint, and
+    /// begins dialling and accepting. Needs a multi-threaded tokio runtime.
+    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        let identity = Identity::load(&config.data_dir)?;
+        let replica = tokio::task::block_in_place(|| Replica::open(store_path(&config.data_dir)))?;
+        Self::start_with(config, identity, replica)
+    }
+
+    /// Starts a node over an identity and replica the caller already holds.
+    pub fn start_with(
+        config: NodeConfig,
+        identity: Identity,
+        replica: Replica,
+    ) -> Result<Self, NodeError> {
+        let trust = Arc::new(Trust::new(config.peers.iter().map(|p| p.id)));
+        let server = tls::server_config(&identity, trust)?;
+        let endpoint =
+            quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let online = !config.offline;
+        let (feed, _) = watch::channel(0u64);
+        let (connected, _) = watch::channel(online);
+        let (online_tx, _) = watch::channel(online);
+        let (shutdown, _) = watch::channel(false);
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    PeerEntry {
+                        addr: p.addr,
+                        ..PeerEntry::default()
+                    },
+                )
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            identity,
+            replica,
+            endpoint,
+            started: Instant::now(),
+            peers: Mutex::new(peers),
+            feed,
+            connected,
+            online: online_tx,
+            shutdown,
+        });
+        let feed_thread = Some(spawn_feed_bridge(&inner));
+        let mut tasks = JoinSet::new();
+        let node_id = inner.identity.node_id();
+        tasks.spawn(
+            accept_loop(Arc::clone(&inner)).instrument(info_span!("accept", node = %node_id)),
+        );
+        for peer in config.peers.iter().filter(|p| p.addr.is_some()) {
+            tasks.spawn(
+                dial_loop(Arc::clone(&inner), peer.id)
+                    .instrument(info_span!("peer", id = %peer.id)),
+            );
+        }
+        info!(node = %node_id, addr = ?inner.endpoint.local_addr().ok(), "node started");
+        Ok(Self {
+            inner,
+            tasks,
+            feed_thread,
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.identity.node_id()
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// The replica: transact and read through it. Its commits are announced
+    /// to connected peers at once.
+    pub fn replica(&self) -> &Replica {
+        &self.inner.replica
+    }
+
+    /// Turns the network off (closing every connection, dialling nothing)
+    /// or back on (dialling configured peers at once).
+    pub fn set_online(&self, online: bool) {
+        self.inner.online.send_replace(online);
+        let shutting_down = *self.inner.shutdown.borrow();
+        self.inner.connected.send_replace(online && !shutting_down);
+        if !online {
+            for entry in self.inner.peers().values() {
+                if let Some((connection, _)) = &entry.connection {
+                    connection.close(0u32.into(), b"going offline");
+                }
+            }
+        }
+    }
+
+    /// Whether a session is running with `peer`.
+    pub fn is_connected(&self, peer: &NodeId) -> bool {
+        self.inner.is_connected(peer)
+    }
+
+    /// The node's state.
+    pub fn status(&self) -> Status {
+        let snapshot = self.inner.replica.read().ok();
+        let documents = snapshot.as_ref().and_then(|s| s.len().ok()).unwrap_or(0);
+        let seq = snapshot.as_ref().and_then(|s| s.seq().ok()).unwrap_or(0);
+        let mut peers: Vec<PeerStatus> = self
+            .inner
+            .peers()
+            .iter()
+            .map(|(id, entry)| {
+                let live = entry
+                    .connection
+                    .as_ref()
+                    .filter(|(c, _)| c.close_reason().is_none());
+                let established = live.is_some() && entry.established;
+                let (live_sent, live_received) = live
+                    .map(|(c, _)| {
+                        let stats = c.stats();
+                        (stats.udp_tx.bytes, stats.udp_rx.bytes)
+                    })
+                    .unwrap_or((0, 0));
+                PeerStatus {
+                    node_id: *id,
+                    addr: entry.addr.map(|a| a.to_string()),
+                    connected: established,
+                    bytes_sent: entry.bytes_sent + live_sent,
+                    bytes_received: entry.bytes_received + live_received,
+                    last_sync: entry.last_sync,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|p| p.node_id);
+        Status {
+            node_id: self.node_id(),
+            documents,
+            seq,
+            online: *self.inner.online.borrow(),
+            peers,
+        }
+    }
+
+    /// Closes every connection cleanly (each session saves its progress),
+    /// stops the tasks and waits for them (at most 5 s).
+    pub async fn shutdown(mut self) {
+        self.inner.shutdown.send_replace(true);
+        self.inner.connected.send_replace(false);
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.abort_all();
+        }
+        self.inner.endpoint.close(0u32.into(), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
+        if let Some(thread) = self.feed_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Path of the store in a data directory.
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(STORE_FILE)
+}
+
+/// Forwards the replica's commit events to the sessions (a std thread: the
+/// subscription blocks).
+fn spawn_feed_bridge(inner: &Arc<Inner>) -> std::thread::JoinHandle<()> {
+    let subscription = inner.replica.subscribe(1024);
+    let feed = inner.feed.clone();
+    let shutdown = inner.shutdown.subscribe();
+    std::thread::spawn(move || {
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match subscription.recv_timeout(Duration::from_millis(100)) {
+                Ok(_) | Err(concord_core::RecvError::Lagged) => {
+                    feed.send_modify(|n| *n += 1);
+                }
+                Err(concord_core::RecvError::Empty) => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.changed() => break,
+            incoming = inner.endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        if !*inner.online.borrow() {
+            incoming.refuse();
+            continue;
+        }
+        let inner = Arc::clone(&inner);
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    debug!(error = %e, "an incoming connection failed its handshake");
+                    return;
+                }
+            };
+            let Some(peer) = tls::peer_of(&connection) else {
+                connection.close(2u32.into(), b"no peer identity");
+                return;
+            };
+            inner
+                .serve(peer, connection, false)
+                .instrument(info_span!("peer", id = %peer))
+                .await;
+        });
+    }
+}
+
+async fn dial_loop(inner: Arc<Inner>, peer: NodeId) {
+    let mut backoff = Backoff::new(
+        u64::from_le_bytes(peer.as_bytes()[..8].try_into().unwrap_or([1; 8]))
+            ^ inner.started.elapsed().as_nanos() as u64,
+    );
+    let mut connected = inner.connected.subscribe();
+    loop {
+        if *inner.shutdown.borrow() {
+            break;
+        }
+        if !*connected.borrow() {
+            if connected.changed().await.is_err() {
+                break;
+            }
+            backoff.reset();
+            continue;
+        }
+        if inner.has_connection(&peer) {
+            // An inbound connection serves this peer; look again later.
+            tokio::select! {
+                _ = connected.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            continue;
+        }
+        let addr = inner.peers().get(&peer).and_then(|e| e.addr);
+        let Some(addr) = addr else { break };
+        let attempt = async {
+            let config = tls::client_config(&inner.identity, peer).map_err(|e| e.to_string())?;
+            let connecting = inner
+                .endpoint
+                .connect_with(config, addr, tls::SERVER_NAME)
+                .map_err(|e| e.to_string())?;
+            connecting.await.map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(connection) => {
+                backoff.reset();
+                Arc::clone(&inner).serve(peer, connection, true).await;
+            }
+            Err(e) => debug!(%addr, error = %e, "dial failed"),
+        }
+        let wait = backoff.next();
+        tokio::select! {
+            _ = connected.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}

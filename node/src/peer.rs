@@ -1,0 +1,179 @@
+//! One peer connection: a QUIC bidirectional stream carrying a sync
+//! [`Session`]. The task feeds the session what it reads, the feed's
+//! progress and its timers, and writes what it produces; redb work runs in
+//! `block_in_place`, off the reactor's other tasks. It reads only while the
+//! session wants input, so a slow peer slows us instead of growing buffers.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concord_core::{NodeId, Replica};
+use concord_sync_protocol::{ErrorCode, Event, Session, SessionConfig};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Frames pulled from the session but not yet written, at most.
+const PENDING_FRAMES: usize = 64;
+/// Bytes read from the stream at a time.
+const READ_CHUNK: usize = 64 << 10;
+
+/// What a session run reports back to the node.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Outcome {
+    /// Whether the peer ended it (or the connection dropped), rather than us.
+    pub(crate) by_peer: bool,
+}
+
+/// Where a session's events go.
+pub(crate) type EventSink = Arc<dyn Fn(NodeId, &Event) + Send + Sync>;
+
+/// Everything a session task needs from its node.
+pub(crate) struct Context {
+    pub(crate) replica: Replica,
+    pub(crate) local: NodeId,
+    pub(crate) started: Instant,
+    /// Bumped whenever the replica commits.
+    pub(crate) feed: watch::Receiver<u64>,
+    /// True while the node should stay connected (online and not shutting
+    /// down).
+    pub(crate) connected: watch::Receiver<bool>,
+    /// Called with each session event.
+    pub(crate) on_event: EventSink,
+}
+
+/// Runs a session with `peer` on the stream until it ends.
+pub(crate) async fn run_session(
+    mut context: Context,
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Outcome {
+    let now = |started: Instant| started.elapsed();
+    let replica = context.replica.clone();
+    let mut session = Session::new(
+        SessionConfig::new(context.local, peer),
+        now(context.started),
+    );
+    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut offset = 0usize;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut outcome = Outcome::default();
+    loop {
+        // Pull what the session has to send (reading the feed as we go).
+        while pending.len() < PENDING_FRAMES {
+            match tokio::task::block_in_place(|| session.poll_transmit(&replica)) {
+                Some(frame) => pending.push_back(frame),
+                None => break,
+            }
+        }
+        while let Some(event) = session.poll_event() {
+            if let Event::Closed { by_peer, .. } = &event {
+                outcome.by_peer = *by_peer;
+            }
+            (context.on_event)(peer, &event);
+        }
+        if session.is_closed() && pending.is_empty() {
+            let _ = send.finish();
+            break;
+        }
+        let deadline = session.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(at) => {
+                    let wait = at.saturating_sub(now(context.started));
+                    tokio::time::sleep(wait).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let front: Option<Vec<u8>> = pending.front().map(|f| f[offset..].to_vec());
+        let writing = async {
+            match &front {
+                Some(bytes) => send.write(bytes).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wants_input = session.wants_input();
+        tokio::select! {
+            biased;
+            changed = context.connected.changed() => {
+                if changed.is_err() || !*context.connected.borrow() {
+                    tokio::task::block_in_place(|| {
+                        session.close(&replica, ErrorCode::Closing, "the node is going offline or shutting down");
+                    });
+                }
+            }
+            written = writing => match written {
+                Ok(n) => {
+                    offset += n;
+                    if pending.front().is_some_and(|f| offset >= f.len()) {
+                        pending.pop_front();
+                        offset = 0;
+                    }
+                }
+                Err(e) => {
+                    debug!(%peer, error = %e, "stream closed while writing");
+                    tokio::task::block_in_place(|| session.handle_disconnect(&replica, now(context.started)));
+                    pending.clear();
+                }
+            },
+            read = recv.read(&mut buf), if wants_input && !session.is_closed() => match read {
+                Ok(Some(n)) => tokio::task::block_in_place(|| {
+                    session.handle_input(&replica, &buf[..n], now(context.started));
+                }),
+                Ok(None) | Err(_) => {
+                    tokio::task::block_in_place(|| session.handle_disconnect(&replica, now(context.started)));
+                    pending.clear();
+                }
+            },
+            _ = context.feed.changed() => tokio::task::block_in_place(|| {
+                session.handle_feed(&replica, now(context.started));
+            }),
+            () = sleep => tokio::task::block_in_place(|| {
+                session.handle_timeout(&replica, now(context.started));
+            }),
+        }
+    }
+    let stats = session.stats();
+    info!(%peer, frames_sent = stats.frames_sent, frames_received = stats.frames_received, "session ended");
+    if stats.frames_received == 0 {
+        warn!(%peer, "the peer sent nothing");
+    }
+    outcome
+}
+
+/// Exponential backoff with jitter for reconnecting: 100 ms doubling to
+/// 10 s, each wait between half and all of the step.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    step: Duration,
+    state: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            step: Duration::from_millis(100),
+            state: seed | 1,
+        }
+    }
+
+    /// The next wait.
+    pub(crate) fn next(&mut self) -> Duration {
+        // xorshift64 for jitter: no need for a cryptographic source here.
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let half = self.step / 2;
+        let jitter = half.mul_f64((self.state % 1000) as f64 / 1000.0);
+        let wait = half + jitter;
+        self.step = (self.step * 2).min(Duration::from_secs(10));
+        wait
+    }
+
+    /// After a connection that worked.
+    pub(crate) fn reset(&mut self) {
+        self.step = Duration::from_millis(100);
+    }
+}

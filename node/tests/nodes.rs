@@ -1,0 +1,149 @@
+//! Nodes in one process, over QUIC on 127.0.0.1: they sync, reconnect after
+//! going offline and converge, keep one connection when both dial, and
+//! refuse an untrusted node.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use concord_core::automerge::ROOT;
+use concord_core::automerge::transaction::Transactable;
+use concord_core::{DEFAULT_SPACE, DocId, Replica};
+use concord_node::identity::Identity;
+use concord_node::{Node, NodeConfig, PeerConfig};
+
+struct Spec {
+    dir: tempfile::TempDir,
+    identity: Identity,
+    socket: std::net::UdpSocket,
+}
+
+/// An identity and a free port, reserved until the node starts.
+fn spec() -> Spec {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::create_in(dir.path()).expect("identity");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("port");
+    Spec {
+        dir,
+        identity,
+        socket,
+    }
+}
+
+impl Spec {
+    fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("addr")
+    }
+
+    fn peer(&self, dial: bool) -> PeerConfig {
+        PeerConfig {
+            id: self.identity.node_id(),
+            addr: dial.then(|| self.addr()),
+        }
+    }
+
+    async fn start(self, peers: Vec<PeerConfig>) -> (Node, tempfile::TempDir) {
+        let addr = self.addr();
+        drop(self.socket);
+        let mut config = NodeConfig::new(self.dir.path(), addr);
+        config.peers = peers;
+        let node = Node::start(config).await.expect("start");
+        (node, self.dir)
+    }
+}
+
+fn write(replica: &Replica, id: Option<DocId>, key: &'static str, value: i64) -> DocId {
+    let mut tx = replica.begin().expect("begin");
+    let id = match id {
+        Some(id) => {
+            tx.change(id, |d| d.put(ROOT, key, value)).expect("change");
+            id
+        }
+        None => {
+            tx.create(DEFAULT_SPACE, |d| d.put(ROOT, key, value))
+                .expect("create")
+                .0
+        }
+    };
+    tx.commit().expect("commit");
+    id
+}
+
+fn value(replica: &Replica, id: DocId) -> serde_json::Value {
+    replica
+        .read()
+        .expect("read")
+        .get(id)
+        .map(|d| d.to_json())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sync_and_converge_after_offline_edits() {
+    let (a, b) = (spec(), spec());
+    let (a_peer, b_peer) = (a.peer(true), b.peer(true));
+    // Both dial each other: one connection must remain.
+    let (a, _a_dir) = a.start(vec![b_peer.clone()]).await;
+    let (b, _b_dir) = b.start(vec![a_peer.clone()]).await;
+
+    let doc = write(a.replica(), None, "from_a", 1);
+    eventually("b has a's document", || {
+        value(b.replica(), doc)["from_a"] == 1
+    })
+    .await;
+    eventually("one connection each way", || {
+        a.is_connected(&b.node_id()) && b.is_connected(&a.node_id())
+    })
+    .await;
+
+    // Offline: both edit the same document.
+    b.set_online(false);
+    eventually("a sees b gone", || !a.is_connected(&b.node_id())).await;
+    write(a.replica(), Some(doc), "offline_a", 2);
+    write(b.replica(), Some(doc), "offline_b", 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(value(a.replica(), doc).get("offline_b"), None);
+    b.set_online(true);
+    eventually("both hold both edits", || {
+        let (va, vb) = (value(a.replica(), doc), value(b.replica(), doc));
+        va == vb && va["offline_a"] == 2 && va["offline_b"] == 3
+    })
+    .await;
+    let status = a.status();
+    assert_eq!(status.peers.len(), 1);
+    assert!(status.peers[0].bytes_sent > 0 && status.peers[0].bytes_received > 0);
+    assert!(status.peers[0].last_sync.is_some());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_node_is_refused_and_learns_nothing() {
+    let (a, stranger) = (spec(), spec());
+    let a_peer = a.peer(true);
+    let (a, _a_dir) = a.start(Vec::new()).await;
+    let secret = write(a.replica(), None, "secret", 42);
+    // The stranger trusts a and dials it; a does not trust the stranger.
+    let (stranger, _s_dir) = stranger.start(vec![a_peer]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!stranger.is_connected(&a.node_id()));
+    assert!(
+        stranger
+            .replica()
+            .read()
+            .expect("read")
+            .is_empty()
+            .expect("empty")
+    );
+    assert_eq!(value(stranger.replica(), secret), serde_json::Value::Null);
+    assert!(a.status().peers.is_empty());
+    stranger.shutdown().await;
+    a.shutdown().await;
+}
