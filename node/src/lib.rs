@@ -11,6 +11,7 @@
 #![deny(missing_docs, unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod config;
 pub mod identity;
 mod node;
 mod peer;

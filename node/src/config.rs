@@ -1,0 +1,204 @@
+//! The configuration file (TOML, INTERFACE.md) and how `concord run`'s
+//! flags override it.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use concord_core::NodeId;
+use serde::Deserialize;
+
+use crate::node::PeerConfig;
+
+/// The default QUIC address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
+/// The default HTTP API address.
+pub const DEFAULT_API: &str = "127.0.0.1:7401";
+
+/// The file's contents.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The QUIC address.
+    pub listen: Option<String>,
+    /// The HTTP API address.
+    pub api: Option<String>,
+    /// The token the API requires when not on a loopback address.
+    pub api_token: Option<String>,
+    /// The peers.
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerEntry>,
+}
+
+/// One `[[peer]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// Its node id.
+    pub id: NodeId,
+    /// `host:port` to dial; absent to only accept it.
+    pub addr: Option<String>,
+    /// Space (or `"*"`) → `"read"`, `"write"` or `"read-write"`. Read and
+    /// validated; enforced once access control exists (issue 6).
+    #[serde(default)]
+    pub access: BTreeMap<String, Access>,
+}
+
+/// A grant on a space.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum Access {
+    /// Receive documents of the space.
+    #[serde(rename = "read")]
+    Read,
+    /// Send changes to documents of the space.
+    #[serde(rename = "write")]
+    Write,
+    /// Both.
+    #[serde(rename = "read-write")]
+    ReadWrite,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An address that does not resolve.
+    #[error("address {addr:?}: {message}")]
+    Address {
+        /// The address as written.
+        addr: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `--peer` flag not of the form `NODEID@HOST:PORT`.
+    #[error("--peer {0:?}: expected NODEID@HOST:PORT")]
+    PeerFlag(String),
+}
+
+impl ConfigFile {
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Resolves `host:port` to one socket address.
+pub fn resolve(addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .map_err(|e| ConfigError::Address {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| ConfigError::Address {
+            addr: addr.to_string(),
+            message: "resolves to nothing".into(),
+        })
+}
+
+/// Parses `NODEID@HOST:PORT`.
+pub fn parse_peer_flag(flag: &str) -> Result<PeerConfig, ConfigError> {
+    let (id, addr) = flag
+        .split_once('@')
+        .ok_or_else(|| ConfigError::PeerFlag(flag.to_string()))?;
+    let id: NodeId = id
+        .parse()
+        .map_err(|_| ConfigError::PeerFlag(flag.to_string()))?;
+    Ok(PeerConfig {
+        id,
+        addr: Some(resolve(addr)?),
+    })
+}
+
+/// The peers of the file, resolved.
+pub fn file_peers(file: &ConfigFile) -> Result<Vec<PeerConfig>, ConfigError> {
+    file.peers
+        .iter()
+        .map(|p| {
+            Ok(PeerConfig {
+                id: p.id,
+                addr: p.addr.as_deref().map(resolve).transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// Adds `extra` peers to `peers`; a flag overrides the file's entry for the
+/// same node id.
+pub fn merge_peers(peers: &mut Vec<PeerConfig>, extra: Vec<PeerConfig>) {
+    for peer in extra {
+        match peers.iter_mut().find(|p| p.id == peer.id) {
+            Some(existing) => {
+                if peer.addr.is_some() {
+                    existing.addr = peer.addr;
+                }
+            }
+            None => peers.push(peer),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_file_parses() {
+        let id = NodeId::from_bytes([7; 32]);
+        let text = format!(
+            r#"
+listen = "0.0.0.0:7400"
+api = "127.0.0.1:7401"
+
+[[peer]]
+id = "{id}"
+addr = "127.0.0.1:7402"
+access = {{ "*" = "read-write" }}
+
+[[peer]]
+id = "{id}"
+"#
+        );
+        let file: ConfigFile = toml::from_str(&text).expect("parses");
+        assert_eq!(file.peers.len(), 2);
+        assert_eq!(file.peers[0].access.get("*"), Some(&Access::ReadWrite));
+        assert_eq!(file.peers[1].addr, None);
+        let peers = file_peers(&file).expect("resolves");
+        assert_eq!(peers[0].addr, Some("127.0.0.1:7402".parse().expect("addr")));
+        assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn peer_flags_parse_or_explain() {
+        let id = NodeId::from_bytes([7; 32]);
+        let peer = parse_peer_flag(&format!("{id}@127.0.0.1:9")).expect("valid");
+        assert_eq!(peer.id, id);
+        assert!(matches!(
+            parse_peer_flag("nonsense"),
+            Err(ConfigError::PeerFlag(_))
+        ));
+    }
+}

@@ -1,0 +1,163 @@
+//! The `concord` binary: `init`, `id`, `run` (run.json, clean exit on
+//! SIGTERM, syncing with another process), and `demo`. Real processes on
+//! 127.0.0.1; every wait is bounded and every child is killed on the way out.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use concord_core::automerge::ROOT;
+use concord_core::automerge::transaction::Transactable;
+use concord_core::{DEFAULT_SPACE, DocId, Replica};
+
+const BIN: &str = env!("CARGO_BIN_EXE_concord");
+
+fn concord(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run concord")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A running `concord run`, killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    fn start(dir: &Path, args: &[&str]) -> Self {
+        let _ = std::fs::remove_file(dir.join("run.json"));
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn concord run");
+        Self(child)
+    }
+
+    /// The run.json the node writes once bound.
+    fn run_file(&self, dir: &Path) -> serde_json::Value {
+        let path = dir.join("run.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(value) = serde_json::from_str(&text)
+            {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "no run.json within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit status within 10 s.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no clean exit within 10 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn init(dir: &Path) -> String {
+    let output = concord(dir, &["init"]);
+    assert!(output.status.success(), "init: {output:?}");
+    stdout(&output)
+}
+
+#[test]
+fn init_and_id_print_the_node_id_and_init_refuses_twice() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("node");
+    let id = init(&dir);
+    assert_eq!(id.len(), 52, "{id}");
+    assert_eq!(stdout(&concord(&dir, &["id"])), id);
+    let again = concord(&dir, &["init"]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let missing = concord(&tmp.path().join("nothing"), &["id"]);
+    assert!(!missing.status.success());
+}
+
+fn write_doc(dir: &Path, key: &'static str) -> DocId {
+    let replica = Replica::open(dir.join("store.redb")).expect("open store");
+    let mut tx = replica.begin().expect("begin");
+    let (id, ()) = tx
+        .create(DEFAULT_SPACE, |d| d.put(ROOT, key, 1))
+        .expect("create");
+    tx.commit().expect("commit");
+    id
+}
+
+fn has_doc(dir: &Path, id: DocId) -> bool {
+    Replica::open(dir.join("store.redb"))
+        .ok()
+        .and_then(|r| r.read().ok().map(|s| s.get(id).is_ok()))
+        .unwrap_or(false)
+}
+
+#[test]
+fn two_processes_sync_and_exit_cleanly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a_dir, b_dir): (PathBuf, PathBuf) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (a_id, b_id) = (init(&a_dir), init(&b_dir));
+    let from_a = write_doc(&a_dir, "from_a");
+    let from_b = write_doc(&b_dir, "from_b");
+
+    let a = Running::start(&a_dir, &["--trust", &b_id]);
+    let run = a.run_file(&a_dir);
+    assert_eq!(run["node_id"], a_id.as_str());
+    assert!(run["pid"].as_u64().is_some());
+    let a_addr = run["quic_addr"].as_str().expect("quic_addr").to_string();
+    let peer = format!("{a_id}@{a_addr}");
+
+    // Run b until it holds a's document (checked between runs: the store is
+    // locked while a node runs).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = Running::start(&b_dir, &["--peer", &peer]);
+        b.run_file(&b_dir);
+        std::thread::sleep(Duration::from_secs(1));
+        let status = b.terminate();
+        assert!(status.success(), "b exited with {status}");
+        assert!(!b_dir.join("run.json").exists(), "run.json left behind");
+        if has_doc(&b_dir, from_a) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never received a's document");
+    }
+    let status = a.terminate();
+    assert!(status.success(), "a exited with {status}");
+    assert!(has_doc(&a_dir, from_b), "a never received b's document");
+}
+
+#[test]
+fn the_demo_converges() {
+    let output = Command::new(BIN).arg("demo").output().expect("run demo");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "demo failed: {output:?}");
+    assert!(text.contains("converged"), "{text}");
+}
