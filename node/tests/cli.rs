@@ -75,7 +75,10 @@ impl Running {
             if let Some(status) = self.0.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "no clean exit within 10 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "no clean exit within 10 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

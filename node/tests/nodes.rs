@@ -147,3 +147,22 @@ async fn an_untrusted_node_is_refused_and_learns_nothing() {
     stranger.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_store_held_before_starting_reaches_the_peer() {
+    let (a, b) = (spec(), spec());
+    let doc = {
+        let replica = Replica::open(a.dir.path().join("store.redb")).expect("store");
+        write(&replica, None, "early", 1)
+    };
+    let (a_peer, b_peer) = (a.peer(false), b.peer(true));
+    // b only accepts; a, which holds the document, dials.
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    let (a, _a_dir) = a.start(vec![b_peer]).await;
+    eventually("b has the early document", || {
+        value(b.replica(), doc)["early"] == 1
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

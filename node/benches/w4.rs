@@ -1,0 +1,322 @@
+//! Workload W4 (BENCHMARKS.md): live update latency between two processes.
+//!
+//! One document already on both nodes. A sets key `seq` to i every 10 ms for
+//! 10 s (1,000 durable commits on a fixed schedule). B, a separate OS process
+//! running its own node, notes the first time its replica holds `seq ≥ i`
+//! (from its commit subscription, not by polling) and reports it. Latency of
+//! change i = that time minus the time A's commit returned, both read from
+//! the system clock of the one machine. Prints one JSON line.
+//!
+//! ```sh
+//! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10]
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use concord_core::automerge::transaction::Transactable;
+use concord_core::automerge::{ROOT, ReadDoc};
+use concord_core::{DEFAULT_SPACE, DocId, NodeId, Origin, Replica};
+use concord_node::identity::Identity;
+use concord_node::{Node, NodeConfig, PeerConfig};
+
+const ROLE: &str = "CONCORD_W4_ROLE";
+
+fn nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn seq_of(replica: &Replica, doc: DocId) -> Option<i64> {
+    let snapshot = replica.read().ok()?;
+    let document = snapshot.get(doc).ok()?;
+    let (value, _) = document.automerge().get(ROOT, "seq").ok()??;
+    value.as_i64()
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Process B: runs a node, reports when it holds the document, then each
+/// new `seq` it sees, with the time.
+fn role_b() {
+    let dir = std::env::var("CONCORD_W4_DIR").expect("dir");
+    let a: NodeId = std::env::var("CONCORD_W4_PEER")
+        .expect("peer")
+        .parse()
+        .expect("peer id");
+    let doc: DocId = std::env::var("CONCORD_W4_DOC")
+        .expect("doc")
+        .parse()
+        .expect("doc id");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut config = NodeConfig::new(&dir, "127.0.0.1:0".parse().expect("addr"));
+        config.peers = vec![PeerConfig { id: a, addr: None }];
+        let node = Node::start(config).await.expect("start b");
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ADDR {}", node.local_addr().expect("addr")).expect("stdout");
+        out.flush().expect("flush");
+        // The reporter thread writes from now on.
+        drop(out);
+        let replica = node.replica().clone();
+        let subscription = replica.subscribe(4096);
+        let reporter = std::thread::spawn(move || {
+            let mut out = std::io::stdout().lock();
+            let mut ready = false;
+            let mut last = i64::MIN;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while Instant::now() < deadline {
+                // Look at the document now, then after every commit from the
+                // peer (or a lag, after which the feed is re-read).
+                let at = nanos();
+                if let Some(seq) = seq_of(&replica, doc) {
+                    if !ready {
+                        ready = true;
+                        writeln!(out, "READY").expect("stdout");
+                    }
+                    if seq > last {
+                        last = seq;
+                        writeln!(out, "SEEN {seq} {at}").expect("stdout");
+                    }
+                    out.flush().expect("flush");
+                    if seq < 0 {
+                        break;
+                    }
+                }
+                loop {
+                    match subscription.recv_timeout(Duration::from_secs(1)) {
+                        Ok(event) if matches!(event.origin, Origin::Peer(_)) => break,
+                        Ok(_) => {}
+                        Err(concord_core::RecvError::Lagged) => break,
+                        Err(concord_core::RecvError::Empty) => {
+                            if !ready {
+                                break;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+            writeln!(
+                out,
+                "RSS {} CPU {}",
+                peak_rss_kib().unwrap_or(0),
+                cpu_seconds().unwrap_or(0.0)
+            )
+            .expect("stdout");
+            out.flush().expect("flush");
+        });
+        let _ = tokio::task::spawn_blocking(move || reporter.join()).await;
+        node.shutdown().await;
+    });
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn put_seq(replica: &Replica, doc: DocId, seq: i64) -> u128 {
+    let mut tx = replica.begin().expect("begin");
+    tx.change(doc, |d| d.put(ROOT, "seq", seq)).expect("change");
+    tx.commit().expect("commit");
+    nanos()
+}
+
+fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    if std::env::var_os(ROLE).is_some() {
+        return role_b();
+    }
+    let changes: i64 = arg("--changes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let interval = Duration::from_millis(
+        arg("--interval-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    );
+    let tmp = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a_identity = Identity::create_in(&a_dir).expect("a identity");
+    let b_identity = Identity::create_in(&b_dir).expect("b identity");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // The document, before anyone connects.
+        let doc = {
+            let replica = Replica::open(a_dir.join("store.redb")).expect("store");
+            let mut tx = replica.begin().expect("begin");
+            let (doc, ()) = tx
+                .create(DEFAULT_SPACE, |d| d.put(ROOT, "seq", 0))
+                .expect("create");
+            tx.commit().expect("commit");
+            doc
+        };
+        // B, a separate process.
+        let mut b = Command::new(std::env::current_exe().expect("exe"))
+            .env(ROLE, "b")
+            .env("CONCORD_W4_DIR", &b_dir)
+            .env("CONCORD_W4_PEER", a_identity.node_id().to_string())
+            .env("CONCORD_W4_DOC", doc.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn b");
+        let (lines_tx, lines) = mpsc::channel::<String>();
+        let stdout = b.stdout.take().expect("b stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let next = |what: &str| {
+            tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)))
+                .unwrap_or_else(|_| panic!("B said nothing while {what}"))
+        };
+        let b_addr: SocketAddr = next("starting")
+            .strip_prefix("ADDR ")
+            .expect("ADDR line")
+            .parse()
+            .expect("b address");
+        let mut config = NodeConfig::new(&a_dir, "127.0.0.1:0".parse().expect("addr"));
+        config.peers = vec![PeerConfig {
+            id: b_identity.node_id(),
+            addr: Some(b_addr),
+        }];
+        let a = Node::start(config).await.expect("start a");
+        assert_eq!(next("receiving the document"), "READY");
+        let _ = next("receiving the document"); // its first SEEN line
+
+        // The schedule: change i at start + i × interval.
+        let mut committed = Vec::with_capacity(changes as usize);
+        let start = Instant::now();
+        for i in 1..=changes {
+            let due = start + interval * (i as u32);
+            tokio::time::sleep_until(due.into()).await;
+            let replica = a.replica().clone();
+            let at = tokio::task::spawn_blocking(move || put_seq(&replica, doc, i))
+                .await
+                .expect("commit");
+            committed.push(at);
+        }
+        // Tell B to finish, and collect what it saw.
+        let replica = a.replica().clone();
+        tokio::task::spawn_blocking(move || put_seq(&replica, doc, -1))
+            .await
+            .expect("final commit");
+        let mut first_seen = vec![None::<u128>; changes as usize + 1];
+        let mut observed = 0u64;
+        let mut b_rss = 0u64;
+        let mut b_cpu = 0f64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let Ok(line) =
+                tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)))
+            else {
+                break;
+            };
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["SEEN", seq, at] => {
+                    let (Ok(seq), Ok(at)) = (seq.parse::<i64>(), at.parse::<u128>()) else {
+                        continue;
+                    };
+                    if seq < 1 {
+                        continue;
+                    }
+                    observed += 1;
+                    for slot in first_seen
+                        .iter_mut()
+                        .take(seq.min(changes) as usize + 1)
+                        .skip(1)
+                    {
+                        slot.get_or_insert(at);
+                    }
+                }
+                ["RSS", rss, "CPU", cpu] => {
+                    b_rss = rss.parse().unwrap_or(0);
+                    b_cpu = cpu.parse().unwrap_or(0.0);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let bytes = a
+            .status()
+            .peers
+            .first()
+            .map(|p| (p.bytes_sent, p.bytes_received));
+        a.shutdown().await;
+        let _ = b.wait();
+        let mut latencies: Vec<f64> = committed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, at)| {
+                first_seen[i + 1].map(|seen| seen.saturating_sub(*at) as f64 / 1e6)
+            })
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let report = serde_json::json!({
+            "workload": "W4",
+            "changes": changes,
+            "interval_ms": interval.as_millis() as u64,
+            "updates_observed_on_b": observed,
+            "changes_seen_on_b": latencies.len(),
+            "p50_ms": (percentile(&latencies, 50.0) * 1000.0).round() / 1000.0,
+            "p99_ms": (percentile(&latencies, 99.0) * 1000.0).round() / 1000.0,
+            "max_ms": (latencies.last().copied().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0,
+            "targets": { "p50_ms": 1.0, "p99_ms": 2.0 },
+            "bytes_a_to_b": bytes.map(|b| b.0),
+            "bytes_b_to_a": bytes.map(|b| b.1),
+            "peak_rss_kib": { "a": peak_rss_kib(), "b": b_rss },
+            "cpu_seconds": { "a": cpu_seconds(), "b": b_cpu },
+            "durable_commits": "both sides (redb two-phase commit, fsync)",
+        });
+        println!("{report}");
+    });
+    drop(tmp);
+}
