@@ -57,6 +57,11 @@ const SYNC_OVERHEAD: usize = 64;
 /// Sync states held for saving before a save is forced.
 const MAX_UNSAVED_STATES: usize = 1024;
 
+/// Sync states of finished exchanges kept in memory, most recent first out
+/// last, so a local change to one of those documents is pushed to the peer
+/// with its announcement instead of waiting for the peer to ask.
+const MAX_IDLE_STATES: usize = 1024;
+
 /// A bug to plant in a session, so that a test can show the simulator
 /// catches it. Only with the `planted-bugs` feature.
 #[cfg(feature = "planted-bugs")]
@@ -269,6 +274,9 @@ pub struct Session {
     receiving: Receiving,
     /// Sync exchanges in progress, in either direction.
     exchanges: HashMap<DocId, SyncState>,
+    /// States of finished exchanges (bounded, oldest evicted).
+    idle: HashMap<DocId, SyncState>,
+    idle_order: VecDeque<DocId>,
     in_flight: usize,
     unsaved_states: Vec<(DocId, Vec<u8>)>,
     checkpoint_dirty: bool,
@@ -320,6 +328,8 @@ impl Session {
             sending: None,
             receiving: Receiving::default(),
             exchanges: HashMap::new(),
+            idle: HashMap::new(),
+            idle_order: VecDeque::new(),
             in_flight: 0,
             unsaved_states: Vec::new(),
             checkpoint_dirty: false,
@@ -542,6 +552,8 @@ impl Session {
         }
         self.phase = Phase::Closed;
         self.exchanges.clear();
+        self.idle.clear();
+        self.idle_order.clear();
         self.receiving.wanted.clear();
         self.receiving.queue.clear();
         self.next_save = None;
@@ -864,7 +876,7 @@ impl Session {
             }
             let mut state = match self.exchanges.remove(&doc) {
                 Some(state) => state,
-                None => self.stored_state(store, doc)?,
+                None => self.state_for(store, doc)?,
             };
             let ours = match store.document(doc) {
                 Ok(Some(d)) => Some(d),
@@ -943,14 +955,16 @@ impl Session {
     fn end_exchange(&mut self, doc: DocId, keep_state: bool) {
         if let Some(state) = self.exchanges.remove(&doc)
             && keep_state
-            && self.config.persist_sync_states
         {
-            self.unsaved_states.push((doc, state.encode()));
-            self.schedule_save();
-            if self.unsaved_states.len() >= MAX_UNSAVED_STATES {
-                // Save at the next turn rather than hold more.
-                self.next_save = Some(self.now);
+            if self.config.persist_sync_states {
+                self.unsaved_states.push((doc, state.encode()));
+                self.schedule_save();
+                if self.unsaved_states.len() >= MAX_UNSAVED_STATES {
+                    // Save at the next turn rather than hold more.
+                    self.next_save = Some(self.now);
+                }
             }
+            self.keep_idle(doc, state);
         }
         if self
             .receiving
@@ -960,6 +974,54 @@ impl Session {
         {
             self.stall(doc);
         }
+    }
+
+    fn keep_idle(&mut self, doc: DocId, state: SyncState) {
+        if self.idle.insert(doc, state).is_none() {
+            self.idle_order.push_back(doc);
+        }
+        while self.idle.len() > MAX_IDLE_STATES {
+            match self.idle_order.pop_front() {
+                Some(old) => {
+                    self.idle.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The state for a new exchange on `doc`: a finished exchange's, else
+    /// the saved one, else new.
+    fn state_for<S: SyncStore>(&mut self, store: &S, doc: DocId) -> Result<SyncState, Fatal> {
+        if let Some(state) = self.idle.remove(&doc) {
+            self.idle_order.retain(|d| *d != doc);
+            return Ok(state);
+        }
+        self.stored_state(store, doc)
+    }
+
+    /// Sends the changes of `doc` the peer lacks, if a finished exchange
+    /// tells us what it has: a local commit reaches it in half a round trip.
+    fn push<S: SyncStore>(&mut self, store: &S, doc: DocId) -> Result<(), Fatal> {
+        if self.exchanges.contains_key(&doc) || !self.idle.contains_key(&doc) {
+            return Ok(());
+        }
+        let ours = match store.document(doc) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(DocError::Storage(e)) => return Err(e.into()),
+            Err(_) => return Ok(()),
+        };
+        let mut state = self.state_for(store, doc)?;
+        match generate(ours.automerge(), &mut state) {
+            Some(Ok(bytes)) => {
+                self.exchanges.insert(doc, state);
+                self.send_sync(doc, bytes);
+            }
+            Some(Err(_)) => {}
+            None => self.keep_idle(doc, state),
+        }
+        Ok(())
     }
 
     fn send_sync(&mut self, doc: DocId, bytes: Vec<u8>) {
@@ -1045,7 +1107,7 @@ impl Session {
                     );
                     return Ok(());
                 }
-                self.stored_state(store, doc)?
+                self.state_for(store, doc)?
             }
         };
         // Work on copies: automerge may panic or fail half-way, leaving the
@@ -1260,6 +1322,12 @@ impl Session {
                     to: page.up_to,
                     docs: chunk,
                 }));
+            }
+            // Push the changes of documents the peer synced recently.
+            for entry in &entries {
+                if entry.known_to != Some(peer) {
+                    self.push(store, entry.id)?;
+                }
             }
             self.stats.docs_announced += sent_docs;
             if let Some(sending) = &mut self.sending {
