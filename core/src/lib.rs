@@ -64,6 +64,8 @@
 //!   whole saved document, for any number of documents) in one durable
 //!   transaction. It is idempotent, and changes whose dependencies have not
 //!   arrived are kept and applied once they do.
+//! - [`ops`] applies the JSON edits of the HTTP API to a document; [`json`]
+//!   reads a document back as JSON.
 //!
 //! # Hostile bytes
 //!
@@ -96,6 +98,7 @@ mod feed;
 mod heads;
 mod id;
 pub mod json;
+pub mod ops;
 mod peer;
 mod replica;
 mod snapshot;

@@ -1,18 +1,66 @@
 //! Concord's peer node: identity, QUIC transport with pinned mutual TLS, the
-//! peer manager that drives sync sessions, and the `concord` binary.
+//! peer manager that drives sync sessions, the local HTTP/JSON API and
+//! metrics, and the `concord` binary.
 //!
-//! Work in progress (issue 4). Built: identity ([`identity`]), pinned mutual
-//! TLS ([`tls`]), and [`Node`] — dialling and accepting peers, one connection
-//! per pair, reconnecting with backoff, a sync session per connection, going
-//! offline and online, status, clean shutdown. Not yet: `concord run`, the
-//! config file, `concord demo`, the examples, multi-process tests.
+//! # Example
+//!
+//! An app runs a node in-process, transacts on its replica, hears of every
+//! durable commit (local or from a peer), and can take the node offline:
+//!
+//! ```
+//! use concord_core::automerge::{ROOT, transaction::Transactable};
+//! use concord_node::{Node, NodeConfig, PeerConfig, identity::Identity};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = tokio::runtime::Runtime::new()?; // multi-threaded
+//! runtime.block_on(async {
+//!     let dir = tempfile::tempdir()?;
+//!     Identity::create_in(dir.path())?;
+//!     let mut config = NodeConfig::new(dir.path(), "127.0.0.1:0".parse()?);
+//!     // Peers to dial (with an address) or only accept (without).
+//!     let friend: concord_core::NodeId =
+//!         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".parse()?;
+//!     config.peers.push(PeerConfig { id: friend, addr: None });
+//!     // Optionally the HTTP API too (port 0: any free port).
+//!     config.api = Some("127.0.0.1:0".parse()?);
+//!     let node = Node::start(config).await?;
+//!
+//!     let commits = node.replica().subscribe(16);
+//!     let mut tx = node.replica().begin()?;
+//!     let (doc, ()) = tx.create("default", |d| d.put(ROOT, "title", "hello"))?;
+//!     tx.commit()?; // durable, and announced to connected peers at once
+//!     assert_eq!(commits.recv()?.docs[0].id, doc);
+//!
+//!     node.set_online(false); // local reads and writes go on
+//!     let status = node.status();
+//!     assert_eq!(status.documents, 1);
+//!     assert!(!status.peers[0].connected);
+//!     assert!(node.api_addr().is_some());
+//!     node.shutdown().await;
+//!     Ok::<_, Box<dyn std::error::Error>>(())
+//! })?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Parts
+//!
+//! - [`identity`]: the node's Ed25519 key and self-signed certificate; its
+//!   [`concord_core::NodeId`] is the SHA-256 of the public key.
+//! - [`tls`]: QUIC's TLS 1.3, mutually authenticated by pinned node ids.
+//! - [`Node`]: dials and accepts peers (one connection per pair, reconnecting
+//!   with backoff and jitter), runs a sync session per connection, goes
+//!   offline and online, reports [`Status`], shuts down cleanly.
+//! - [`api`]: the local HTTP/JSON API (INTERFACE.md) and `GET /metrics`.
+//! - [`config`]: the TOML configuration file of `concord run`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod api;
 pub mod config;
 pub mod identity;
+mod metrics;
 mod node;
 mod peer;
 pub mod tls;

@@ -1,6 +1,7 @@
-//! The `concord` command (INTERFACE.md). Implemented: `init`, `id`, `run`,
-//! `demo`. The document commands and `status` need the HTTP API (issue 5).
+//! The `concord` command (INTERFACE.md): `init`, `id`, `run`, `demo`, and
+//! `status` and `doc …`, which talk to a running node's HTTP API.
 
+mod client;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ use concord_core::{NodeId, Replica};
 use concord_node::config::{self, ConfigFile};
 use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig, store_path};
+
+use crate::client::Client;
 
 /// Concord: multi-master replication of automerge documents.
 #[derive(Debug, Parser)]
@@ -43,8 +46,8 @@ enum Command {
         /// QUIC UDP address [default: 0.0.0.0:7400].
         #[arg(long)]
         listen: Option<String>,
-        /// HTTP API address [default: 127.0.0.1:7401]. The API is not built
-        /// yet; the address is recorded and nothing listens on it.
+        /// HTTP API address [default: 127.0.0.1:7401; port 0 picks a free
+        /// one]. A non-loopback address needs `api_token` in the config.
         #[arg(long)]
         api: Option<String>,
         /// Dial this peer and trust it: NODEID@HOST:PORT (repeatable).
@@ -60,6 +63,60 @@ enum Command {
     /// Three nodes on 127.0.0.1 with temporary stores: concurrent offline
     /// edits, reconnection, and an account of how they converged.
     Demo,
+    /// The running node's status (JSON).
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Documents of the running node.
+    Doc {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: DocCommand,
+    },
+}
+
+/// How to reach a running node.
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// The node's API (URL or HOST:PORT) [default: the one DIR/run.json
+    /// names].
+    #[arg(long, global = true)]
+    api: Option<String>,
+    /// Bearer token for an API that requires one.
+    #[arg(long, global = true, env = "CONCORD_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DocCommand {
+    /// Create a document; prints {"id","heads"}.
+    Create {
+        /// Its space.
+        #[arg(long)]
+        space: Option<String>,
+        /// Its content: a JSON object.
+        json: Option<String>,
+    },
+    /// Print {"id","heads","value"}.
+    Get {
+        /// The document id.
+        id: String,
+        /// Read as of these heads (comma-separated hashes or a JSON array).
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Apply ops (a JSON array, or {"ops":[…]}) in one commit; prints
+    /// {"heads"}.
+    Patch {
+        /// The document id.
+        id: String,
+        /// The ops.
+        ops: String,
+    },
+    /// Print {"docs":[…]}: every document.
+    List,
 }
 
 fn init_logging(filter: Option<&str>, default: &str) {
@@ -88,8 +145,7 @@ fn write_run_file(dir: &Path, node: &Node) -> anyhow::Result<()> {
     let body = serde_json::json!({
         "node_id": node.node_id().to_string(),
         "quic_addr": node.local_addr()?.to_string(),
-        // The HTTP API arrives with issue 5; nothing listens yet.
-        "api_addr": serde_json::Value::Null,
+        "api_addr": node.api_addr().map(|a| a.to_string()),
         "pid": std::process::id(),
     });
     let tmp = dir.join(".run.json.tmp");
@@ -115,15 +171,25 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_node(
-    data_dir: &Path,
+/// The flags of `concord run`.
+struct RunFlags {
     config_file: Option<PathBuf>,
     listen: Option<String>,
-    peer_flags: Vec<String>,
+    api: Option<String>,
+    peers: Vec<String>,
     trust: Vec<NodeId>,
     offline: bool,
-) -> anyhow::Result<()> {
+}
+
+fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
+    let RunFlags {
+        config_file,
+        listen,
+        api,
+        peers: peer_flags,
+        trust,
+        offline,
+    } = flags;
     let file = match &config_file {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -141,6 +207,11 @@ fn run_node(
     let mut node_config = NodeConfig::new(data_dir, config::resolve(&listen)?);
     node_config.peers = peers;
     node_config.offline = offline;
+    let api = api
+        .or(file.api.clone())
+        .unwrap_or_else(|| config::DEFAULT_API.to_string());
+    node_config.api = Some(config::resolve(&api)?);
+    node_config.api_token = file.api_token.clone();
     runtime()?.block_on(async {
         let node = Node::start(node_config).await?;
         write_run_file(data_dir, &node)?;
@@ -165,13 +236,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             config,
             listen,
-            api: _,
+            api,
             peer,
             trust,
             offline,
         } => {
             init_logging(cli.log.as_deref(), "info");
-            run_node(&cli.data_dir, config, listen, peer, trust, offline)?;
+            run_node(
+                &cli.data_dir,
+                RunFlags {
+                    config_file: config,
+                    listen,
+                    api,
+                    peers: peer,
+                    trust,
+                    offline,
+                },
+            )?;
+        }
+        Command::Status { api } => {
+            let client = Client::find(&cli.data_dir, api.api.as_deref(), api.token)?;
+            print_json(&client.call("GET", "/v1/status", None)?);
+        }
+        Command::Doc { api, command } => {
+            let client = Client::find(&cli.data_dir, api.api.as_deref(), api.token)?;
+            print_json(&doc_command(&client, command)?);
         }
         Command::Demo => {
             init_logging(cli.log.as_deref(), "warn");
@@ -179,6 +268,88 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
+fn parse_json(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+/// A path segment of a document id given by the user.
+fn doc_path(id: &str) -> anyhow::Result<String> {
+    let id: concord_core::DocId = id
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{id:?} is not a document id (a UUID)"))?;
+    Ok(format!("/v1/docs/{id}"))
+}
+
+fn doc_command(client: &Client, command: DocCommand) -> anyhow::Result<serde_json::Value> {
+    use serde_json::{Value, json};
+    match command {
+        DocCommand::Create { space, json } => {
+            let mut body = serde_json::Map::new();
+            if let Some(text) = json {
+                body.insert("value".into(), parse_json("the document's JSON", &text)?);
+            }
+            if let Some(space) = space {
+                body.insert("space".into(), Value::String(space));
+            }
+            client.call("POST", "/v1/docs", Some(&Value::Object(body)))
+        }
+        DocCommand::Get { id, at } => {
+            let mut path = doc_path(&id)?;
+            if let Some(at) = at {
+                let heads = if at.trim_start().starts_with('[') {
+                    let list: Vec<String> = serde_json::from_str(&at)
+                        .context("--at must be comma-separated hashes or a JSON array of them")?;
+                    list.join(",")
+                } else {
+                    at
+                };
+                if !heads.chars().all(|c| c.is_ascii_hexdigit() || c == ',') {
+                    anyhow::bail!("--at must be comma-separated hex change hashes");
+                }
+                path.push_str(&format!("?at={heads}"));
+            }
+            client.call("GET", &path, None)
+        }
+        DocCommand::Patch { id, ops } => {
+            let path = doc_path(&id)?;
+            let ops = parse_json("the ops", &ops)?;
+            let body = match ops {
+                Value::Array(_) => json!({ "ops": ops }),
+                other => other,
+            };
+            client.call("PATCH", &path, Some(&body))
+        }
+        DocCommand::List => {
+            // Every page, up to a bound that keeps a huge store from
+            // filling the terminal by accident.
+            let mut docs = Vec::new();
+            let mut after: Option<String> = None;
+            for _ in 0..1000 {
+                let path = match &after {
+                    Some(after) => format!("/v1/docs?limit=1000&after={after}"),
+                    None => "/v1/docs?limit=1000".to_string(),
+                };
+                let page = client.call("GET", &path, None)?;
+                if let Some(list) = page["docs"].as_array() {
+                    docs.extend(list.iter().cloned());
+                }
+                match page["next"].as_str() {
+                    Some(next) => after = Some(next.to_string()),
+                    None => break,
+                }
+            }
+            Ok(json!({ "docs": docs }))
+        }
+    }
 }
 
 fn main() -> ExitCode {

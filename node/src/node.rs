@@ -20,7 +20,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::api;
 use crate::identity::{Identity, IdentityError};
+use crate::metrics::Metrics;
 use crate::peer::{Backoff, Context, run_session};
 use crate::tls::{self, Trust};
 
@@ -48,6 +50,11 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     /// Start with the network off.
     pub offline: bool,
+    /// Where to serve the HTTP API ([`crate::api`]); `None` for no API.
+    pub api: Option<SocketAddr>,
+    /// The bearer token the API requires; mandatory when `api` is not a
+    /// loopback address.
+    pub api_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -58,6 +65,8 @@ impl NodeConfig {
             listen,
             peers: Vec::new(),
             offline: false,
+            api: None,
+            api_token: None,
         }
     }
 }
@@ -75,6 +84,19 @@ pub enum NodeError {
     /// TLS configuration.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The API would be reachable from other machines without a token.
+    #[error(
+        "the HTTP API address {0} is not a loopback address: set api_token to require a bearer token"
+    )]
+    ApiWithoutToken(SocketAddr),
+    /// Binding the HTTP API's TCP socket.
+    #[error("cannot serve the HTTP API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
     /// Binding the UDP socket.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -132,17 +154,19 @@ struct PeerEntry {
     last_sync: Option<u64>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     identity: Identity,
-    replica: Replica,
+    pub(crate) replica: Replica,
     endpoint: quinn::Endpoint,
     started: Instant,
     peers: Mutex<HashMap<NodeId, PeerEntry>>,
-    feed: watch::Sender<u64>,
+    /// Bumped after every durable commit.
+    pub(crate) feed: watch::Sender<u64>,
     /// Online and not shutting down.
     connected: watch::Sender<bool>,
     online: watch::Sender<bool>,
-    shutdown: watch::Sender<bool>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) metrics: Metrics,
 }
 
 impl Inner {
@@ -159,6 +183,7 @@ impl Inner {
             feed: self.feed.subscribe(),
             connected: self.connected.subscribe(),
             on_event: Arc::new(move |peer, event| inner.on_event(peer, event)),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -168,17 +193,17 @@ impl Inner {
                 info!(%peer, version, "session established");
                 self.peers().entry(peer).or_default().established = true;
             }
-            Event::Applied { .. } | Event::CaughtUp { .. } => {
-                let now = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .ok();
-                self.peers().entry(peer).or_default().last_sync = now;
+            Event::Applied { changes, .. } => {
+                self.metrics.changes_received(&peer, *changes as u64);
+                self.synced(peer);
             }
+            Event::CaughtUp { .. } => self.synced(peer),
             Event::DocFailed { doc, code, reason } => {
+                self.metrics.doc_failure(&peer);
                 warn!(%peer, %doc, ?code, %reason, "document sync failed");
             }
             Event::PeerDocError { doc, code, reason } => {
+                self.metrics.doc_failure(&peer);
                 warn!(%peer, %doc, code, %reason, "the peer failed a document sync");
             }
             Event::Closed {
@@ -188,6 +213,15 @@ impl Inner {
             } => info!(%peer, code, %reason, by_peer, "session closed"),
             _ => {}
         }
+    }
+
+    /// Notes that `peer` was in sync with us just now.
+    fn synced(&self, peer: NodeId) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok();
+        self.peers().entry(peer).or_default().last_sync = now;
     }
 
     /// Registers a new connection with `peer`; false if another connection
@@ -246,6 +280,61 @@ impl Inner {
             .is_some_and(|(c, _)| c.close_reason().is_none())
     }
 
+    /// Turns the network off (closing every connection, dialling nothing)
+    /// or back on (dialling configured peers at once).
+    pub(crate) fn set_online(&self, online: bool) {
+        self.online.send_replace(online);
+        let shutting_down = *self.shutdown.borrow();
+        self.connected.send_replace(online && !shutting_down);
+        if !online {
+            for entry in self.peers().values() {
+                if let Some((connection, _)) = &entry.connection {
+                    connection.close(0u32.into(), b"going offline");
+                }
+            }
+        }
+    }
+
+    /// The node's state.
+    pub(crate) fn status(&self) -> Status {
+        let snapshot = self.replica.read().ok();
+        let documents = snapshot.as_ref().and_then(|s| s.len().ok()).unwrap_or(0);
+        let seq = snapshot.as_ref().and_then(|s| s.seq().ok()).unwrap_or(0);
+        let mut peers: Vec<PeerStatus> = self
+            .peers()
+            .iter()
+            .map(|(id, entry)| {
+                let live = entry
+                    .connection
+                    .as_ref()
+                    .filter(|(c, _)| c.close_reason().is_none());
+                let established = live.is_some() && entry.established;
+                let (live_sent, live_received) = live
+                    .map(|(c, _)| {
+                        let stats = c.stats();
+                        (stats.udp_tx.bytes, stats.udp_rx.bytes)
+                    })
+                    .unwrap_or((0, 0));
+                PeerStatus {
+                    node_id: *id,
+                    addr: entry.addr.map(|a| a.to_string()),
+                    connected: established,
+                    bytes_sent: entry.bytes_sent + live_sent,
+                    bytes_received: entry.bytes_received + live_received,
+                    last_sync: entry.last_sync,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|p| p.node_id);
+        Status {
+            node_id: self.identity.node_id(),
+            documents,
+            seq,
+            online: *self.online.borrow(),
+            peers,
+        }
+    }
+
     /// Runs a session on an established connection until it ends.
     async fn serve(self: Arc<Self>, peer: NodeId, connection: quinn::Connection, dialled: bool) {
         if !self.register(peer, &connection, dialled) {
@@ -271,6 +360,7 @@ impl Inner {
 /// abruptly; shutting down closes connections cleanly.
 pub struct Node {
     inner: Arc<Inner>,
+    api_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
     feed_thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -298,6 +388,19 @@ impl Node {
         identity: Identity,
         replica: Replica,
     ) -> Result<Self, NodeError> {
+        let api_listener = match config.api {
+            Some(addr) => {
+                if !addr.ip().is_loopback() && config.api_token.is_none() {
+                    return Err(NodeError::ApiWithoutToken(addr));
+                }
+                let listener = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|source| NodeError::Api { addr, source })?;
+                Some(listener)
+            }
+            None => None,
+        };
         let trust = Arc::new(Trust::new(config.peers.iter().map(|p| p.id)));
         let server = tls::server_config(&identity, trust)?;
         let endpoint =
@@ -333,6 +436,7 @@ impl Node {
             connected,
             online: online_tx,
             shutdown,
+            metrics: Metrics::default(),
         });
         let feed_thread = Some(spawn_feed_bridge(&inner));
         let mut tasks = JoinSet::new();
@@ -346,9 +450,22 @@ impl Node {
                     .instrument(info_span!("peer", id = %peer.id)),
             );
         }
-        info!(node = %node_id, addr = ?inner.endpoint.local_addr().ok(), "node started");
+        let api_addr = match api_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                let router = api::router(Arc::clone(&inner), config.api_token.clone());
+                tasks.spawn(
+                    api::serve(Arc::clone(&inner), listener, router)
+                        .instrument(info_span!("api", node = %node_id)),
+                );
+                addr
+            }
+            None => None,
+        };
+        info!(node = %node_id, addr = ?inner.endpoint.local_addr().ok(), api = ?api_addr, "node started");
         Ok(Self {
             inner,
+            api_addr,
             tasks,
             feed_thread,
         })
@@ -373,16 +490,7 @@ impl Node {
     /// Turns the network off (closing every connection, dialling nothing)
     /// or back on (dialling configured peers at once).
     pub fn set_online(&self, online: bool) {
-        self.inner.online.send_replace(online);
-        let shutting_down = *self.inner.shutdown.borrow();
-        self.inner.connected.send_replace(online && !shutting_down);
-        if !online {
-            for entry in self.inner.peers().values() {
-                if let Some((connection, _)) = &entry.connection {
-                    connection.close(0u32.into(), b"going offline");
-                }
-            }
-        }
+        self.inner.set_online(online);
     }
 
     /// Whether a session is running with `peer`.
@@ -390,45 +498,14 @@ impl Node {
         self.inner.is_connected(peer)
     }
 
-    /// The node's state.
+    /// The node's state. Blocks briefly on a store read.
     pub fn status(&self) -> Status {
-        let snapshot = self.inner.replica.read().ok();
-        let documents = snapshot.as_ref().and_then(|s| s.len().ok()).unwrap_or(0);
-        let seq = snapshot.as_ref().and_then(|s| s.seq().ok()).unwrap_or(0);
-        let mut peers: Vec<PeerStatus> = self
-            .inner
-            .peers()
-            .iter()
-            .map(|(id, entry)| {
-                let live = entry
-                    .connection
-                    .as_ref()
-                    .filter(|(c, _)| c.close_reason().is_none());
-                let established = live.is_some() && entry.established;
-                let (live_sent, live_received) = live
-                    .map(|(c, _)| {
-                        let stats = c.stats();
-                        (stats.udp_tx.bytes, stats.udp_rx.bytes)
-                    })
-                    .unwrap_or((0, 0));
-                PeerStatus {
-                    node_id: *id,
-                    addr: entry.addr.map(|a| a.to_string()),
-                    connected: established,
-                    bytes_sent: entry.bytes_sent + live_sent,
-                    bytes_received: entry.bytes_received + live_received,
-                    last_sync: entry.last_sync,
-                }
-            })
-            .collect();
-        peers.sort_by_key(|p| p.node_id);
-        Status {
-            node_id: self.node_id(),
-            documents,
-            seq,
-            online: *self.inner.online.borrow(),
-            peers,
-        }
+        self.inner.status()
+    }
+
+    /// The bound address of the HTTP API, if it is served.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     /// Closes every connection cleanly (each session saves its progress),
@@ -461,6 +538,7 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
 fn spawn_feed_bridge(inner: &Arc<Inner>) -> std::thread::JoinHandle<()> {
     let subscription = inner.replica.subscribe(1024);
     let feed = inner.feed.clone();
+    let metrics = inner.metrics.clone();
     let shutdown = inner.shutdown.subscribe();
     std::thread::spawn(move || {
         loop {
@@ -468,7 +546,11 @@ fn spawn_feed_bridge(inner: &Arc<Inner>) -> std::thread::JoinHandle<()> {
                 break;
             }
             match subscription.recv_timeout(Duration::from_millis(100)) {
-                Ok(_) | Err(concord_core::RecvError::Lagged) => {
+                Ok(event) => {
+                    metrics.commit(event.origin);
+                    feed.send_modify(|n| *n += 1);
+                }
+                Err(concord_core::RecvError::Lagged) => {
                     feed.send_modify(|n| *n += 1);
                 }
                 Err(concord_core::RecvError::Empty) => {}

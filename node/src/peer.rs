@@ -13,6 +13,8 @@ use concord_sync_protocol::{ErrorCode, Event, Session, SessionConfig};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
+
 /// Frames pulled from the session but not yet written, at most.
 const PENDING_FRAMES: usize = 64;
 /// Bytes read from the stream at a time.
@@ -40,6 +42,7 @@ pub(crate) struct Context {
     pub(crate) connected: watch::Receiver<bool>,
     /// Called with each session event.
     pub(crate) on_event: EventSink,
+    pub(crate) metrics: Metrics,
 }
 
 /// Runs a session with `peer` on the stream until it ends.
@@ -59,6 +62,7 @@ pub(crate) async fn run_session(
     let mut offset = 0usize;
     let mut buf = vec![0u8; READ_CHUNK];
     let mut outcome = Outcome::default();
+    let mut announced = 0u64;
     loop {
         // Pull what the session has to send (reading the feed as we go).
         while pending.len() < PENDING_FRAMES {
@@ -66,6 +70,13 @@ pub(crate) async fn run_session(
                 Some(frame) => pending.push_back(frame),
                 None => break,
             }
+        }
+        let now_announced = session.stats().docs_announced;
+        if now_announced > announced {
+            context
+                .metrics
+                .docs_announced(&peer, now_announced - announced);
+            announced = now_announced;
         }
         while let Some(event) = session.poll_event() {
             if let Event::Closed { by_peer, .. } = &event {

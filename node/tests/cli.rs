@@ -42,7 +42,7 @@ impl Running {
             .arg("--data-dir")
             .arg(dir)
             .arg("run")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -163,4 +163,84 @@ fn the_demo_converges() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "demo failed: {output:?}");
     assert!(text.contains("converged"), "{text}");
+}
+
+#[test]
+fn status_and_document_commands_talk_to_the_running_node() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("node");
+    let id = init(&dir);
+    // Before the node runs: a readable one-line error.
+    let none = concord(&dir, &["status"]);
+    assert!(!none.status.success());
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(err.contains("no node is running"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let node = Running::start(&dir, &[]);
+    node.run_file(&dir);
+    let json = |output: Output| -> serde_json::Value {
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_str(&stdout(&output)).expect("JSON on stdout")
+    };
+    let status = json(concord(&dir, &["status"]));
+    assert_eq!(status["node_id"], id.as_str());
+    assert_eq!(status["documents"], 0);
+
+    let created = json(concord(
+        &dir,
+        &["doc", "create", "--space", "work", r#"{"todos":["milk"]}"#],
+    ));
+    let doc = created["id"].as_str().expect("id").to_string();
+    let first: Vec<String> = serde_json::from_value(created["heads"].clone()).expect("heads");
+    let patched = json(concord(
+        &dir,
+        &[
+            "doc",
+            "patch",
+            &doc,
+            r#"[{"op":"insert","path":["todos",1],"value":"eggs"}]"#,
+        ],
+    ));
+    assert_ne!(patched["heads"], created["heads"]);
+    let got = json(concord(&dir, &["doc", "get", &doc]));
+    assert_eq!(got["value"], serde_json::json!({"todos": ["milk", "eggs"]}));
+    assert_eq!(got["space"], "work");
+    let then = json(concord(
+        &dir,
+        &["doc", "get", &doc, "--at", &first.join(",")],
+    ));
+    assert_eq!(then["value"], serde_json::json!({"todos": ["milk"]}));
+    let list = json(concord(&dir, &["doc", "list"]));
+    assert_eq!(list["docs"].as_array().expect("docs").len(), 1);
+
+    // The API's errors, one line each.
+    for args in [
+        vec!["doc", "get", "not-an-id"],
+        vec!["doc", "get", "00000000-0000-4000-8000-000000000000"],
+        vec![
+            "doc",
+            "patch",
+            &doc,
+            r#"[{"op":"increment","path":["todos"],"by":1}]"#,
+        ],
+        vec!["doc", "patch", &doc, "{not json"],
+    ] {
+        let output = concord(&dir, &args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("concord: "), "{err}");
+    }
+    let err = String::from_utf8_lossy(
+        &concord(
+            &dir,
+            &["doc", "get", "00000000-0000-4000-8000-000000000000"],
+        )
+        .stderr,
+    )
+    .to_string();
+    assert!(err.contains("document_not_found"), "{err}");
+    let status = node.terminate();
+    assert!(status.success());
 }
