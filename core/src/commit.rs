@@ -196,9 +196,14 @@ impl Committer {
             let deadline = Instant::now() + GATHER;
             // Under steady load the last batch's committers come back for
             // the next one, beside those that queued while it ran: expect
-            // every thread of either.
+            // every thread of either. A last batch of one request is no
+            // sign of load: a lone writer (which may commit from a
+            // different thread each time, as async runtimes do) must not
+            // wait for itself.
+            let concurrent = queue.last_batch.len() > 1;
             let mut threads: Vec<ThreadId> = Vec::with_capacity(queue.last_batch.len());
-            for thread in queue.last_batch.iter().chain(&queue.waiting_threads) {
+            let recent = queue.last_batch.iter().filter(|_| concurrent);
+            for thread in recent.chain(&queue.waiting_threads) {
                 if !threads.contains(thread) {
                     threads.push(*thread);
                 }
