@@ -35,6 +35,7 @@ struct PeerLabel {
 pub(crate) struct Metrics {
     commits: Family<OriginLabel, Counter>,
     changes_received: Family<PeerLabel, Counter>,
+    changes_sent: Family<PeerLabel, Counter>,
     docs_announced: Family<PeerLabel, Counter>,
     doc_failures: Family<PeerLabel, Counter>,
     commit_seconds: Histogram,
@@ -48,6 +49,7 @@ impl Default for Metrics {
         Self {
             commits: Family::default(),
             changes_received: Family::default(),
+            changes_sent: Family::default(),
             docs_announced: Family::default(),
             doc_failures: Family::default(),
             commit_seconds: Histogram::new(buckets),
@@ -77,6 +79,11 @@ impl Metrics {
         self.changes_received
             .get_or_create(&label(peer))
             .inc_by(count);
+    }
+
+    /// Changes sent to `peer` in sync messages.
+    pub(crate) fn changes_sent(&self, peer: &NodeId, count: u64) {
+        self.changes_sent.get_or_create(&label(peer)).inc_by(count);
     }
 
     /// Documents announced to `peer` (each announcement offers the peer
@@ -157,6 +164,11 @@ impl Metrics {
             "peer_changes_received",
             "New changes received from the peer and stored",
             self.changes_received.clone(),
+        );
+        registry.register(
+            "peer_changes_sent",
+            "Changes sent to the peer in sync messages",
+            self.changes_sent.clone(),
         );
         registry.register(
             "peer_docs_announced",

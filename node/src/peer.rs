@@ -63,6 +63,7 @@ pub(crate) async fn run_session(
     let mut buf = vec![0u8; READ_CHUNK];
     let mut outcome = Outcome::default();
     let mut announced = 0u64;
+    let mut changes_sent = 0u64;
     loop {
         // Pull what the session has to send (reading the feed as we go).
         while pending.len() < PENDING_FRAMES {
@@ -71,12 +72,18 @@ pub(crate) async fn run_session(
                 None => break,
             }
         }
-        let now_announced = session.stats().docs_announced;
-        if now_announced > announced {
+        let stats = session.stats();
+        if stats.docs_announced > announced {
             context
                 .metrics
-                .docs_announced(&peer, now_announced - announced);
-            announced = now_announced;
+                .docs_announced(&peer, stats.docs_announced - announced);
+            announced = stats.docs_announced;
+        }
+        if stats.changes_sent > changes_sent {
+            context
+                .metrics
+                .changes_sent(&peer, stats.changes_sent - changes_sent);
+            changes_sent = stats.changes_sent;
         }
         while let Some(event) = session.poll_event() {
             if let Event::Closed { by_peer, .. } = &event {

@@ -565,3 +565,100 @@ async fn a_token_guards_the_api_and_is_required_off_loopback() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// The number on the metrics line that starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_peers_exchange() {
+    let dirs = [
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    ];
+    let ids: Vec<_> = dirs
+        .iter()
+        .map(|d| Identity::create_in(d.path()).expect("identity").node_id())
+        .collect();
+    let sockets: Vec<_> = (0..2)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("port"))
+        .collect();
+    let addrs: Vec<_> = sockets
+        .iter()
+        .map(|s| s.local_addr().expect("addr"))
+        .collect();
+    drop(sockets);
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let mut config = NodeConfig::new(dirs[i].path(), addrs[i]);
+        config.api = Some("127.0.0.1:0".parse().expect("addr"));
+        config.peers = vec![concord_node::PeerConfig {
+            id: ids[1 - i],
+            addr: (i == 1).then_some(addrs[0]),
+        }];
+        nodes.push(Node::start(config).await.expect("start"));
+    }
+    let (a, b) = (Api::new(&nodes[0], None), Api::new(&nodes[1], None));
+    let (a_id, b_id) = (ids[0].to_string(), ids[1].to_string());
+    off(move || {
+        let (doc, heads) = b.create(json!({"from": "b"}));
+        let path = format!("/v1/docs/{doc}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.get(&path).status != 200 || a.get(&path).body["heads"] != heads {
+            assert!(Instant::now() < deadline, "a never received b's document");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = |api: &Api| String::from_utf8(api.get("/metrics").bytes).expect("utf-8");
+        let on_a = text(&a);
+        let on_b = text(&b);
+        let peer = |name: &str, id: &str| format!("concord_{name}{{peer=\"{id}\"}}");
+        assert!(
+            metric(&on_a, &peer("peer_changes_received_total", &b_id)) >= Some(1.0),
+            "{on_a}"
+        );
+        assert!(
+            metric(&on_b, &peer("peer_changes_sent_total", &a_id)) >= Some(1.0),
+            "{on_b}"
+        );
+        assert!(
+            metric(&on_b, &peer("peer_docs_announced_total", &a_id)) >= Some(1.0),
+            "{on_b}"
+        );
+        assert_eq!(
+            metric(&on_a, &peer("peer_connected", &b_id)),
+            Some(1.0),
+            "{on_a}"
+        );
+        assert_eq!(
+            metric(&on_a, "concord_peers_connected "),
+            Some(1.0),
+            "{on_a}"
+        );
+        assert!(
+            metric(&on_a, &peer("peer_received_bytes_total", &b_id)) > Some(0.0),
+            "{on_a}"
+        );
+        assert!(
+            metric(&on_a, &peer("peer_sent_bytes_total", &b_id)) > Some(0.0),
+            "{on_a}"
+        );
+        assert!(
+            metric(&on_a, &peer("peer_sync_lag_seconds", &b_id)).is_some(),
+            "{on_a}"
+        );
+        assert_eq!(
+            metric(&on_a, "concord_commits_total{origin=\"peer\"}"),
+            Some(1.0),
+            "{on_a}"
+        );
+        assert_eq!(metric(&on_a, "concord_documents "), Some(1.0), "{on_a}");
+    })
+    .await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -203,6 +203,8 @@ pub struct SessionStats {
     pub docs_announced: u64,
     /// Changes received and stored.
     pub changes_received: u64,
+    /// Changes sent in sync messages (each counted once per exchange).
+    pub changes_sent: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -902,12 +904,12 @@ impl Session {
                 self.resolve(doc);
                 continue;
             }
-            let mut message = generate(am, &mut state);
+            let mut message = generate(am, &mut state, &mut self.stats.changes_sent);
             if message.is_none() {
                 // automerge believes the peer has nothing for us: start over
                 // from what was last shared.
                 state = SyncState::decode(&state.encode()).unwrap_or_else(|_| SyncState::new());
-                message = generate(am, &mut state);
+                message = generate(am, &mut state, &mut self.stats.changes_sent);
             }
             match message {
                 Some(Ok(bytes)) => {
@@ -1013,7 +1015,7 @@ impl Session {
             Err(_) => return Ok(()),
         };
         let mut state = self.state_for(store, doc)?;
-        match generate(ours.automerge(), &mut state) {
+        match generate(ours.automerge(), &mut state, &mut self.stats.changes_sent) {
             Some(Ok(bytes)) => {
                 self.exchanges.insert(doc, state);
                 self.send_sync(doc, bytes);
@@ -1218,7 +1220,7 @@ impl Session {
                 self.next_save = Some(self.now + self.config.save_interval);
             }
         }
-        match generate(&working, &mut next) {
+        match generate(&working, &mut next, &mut self.stats.changes_sent) {
             Some(Ok(bytes)) => {
                 self.exchanges.insert(doc, next);
                 self.send_sync(doc, bytes);
@@ -1415,12 +1417,24 @@ fn contains_all(doc: &Automerge, heads: &[ChangeHash]) -> bool {
 }
 
 /// automerge's next sync message, with any panic contained.
-fn generate(doc: &Automerge, state: &mut SyncState) -> Option<Result<Vec<u8>, String>> {
+/// automerge's next sync message for `state`, if any; adds the changes it
+/// carries to `changes_sent` (automerge records each in the state's
+/// `sent_hashes`).
+fn generate(
+    doc: &Automerge,
+    state: &mut SyncState,
+    changes_sent: &mut u64,
+) -> Option<Result<Vec<u8>, String>> {
     let mut working = state.clone();
     match catch_unwind(AssertUnwindSafe(|| {
         doc.generate_sync_message(&mut working).map(|m| m.encode())
     })) {
         Ok(Some(bytes)) => {
+            let sent = working
+                .sent_hashes
+                .len()
+                .saturating_sub(state.sent_hashes.len());
+            *changes_sent += sent as u64;
             *state = working;
             Some(Ok(bytes))
         }
