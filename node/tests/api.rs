@@ -2,6 +2,8 @@
 //! 127.0.0.1): every endpoint, and every kind of bad input, each of which
 //! must get a 4xx with its code and change nothing.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use concord_node::identity::Identity;
@@ -43,14 +45,9 @@ impl Answer {
 
 impl Api {
     fn new(node: &Node, token: Option<&str>) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
         Self {
             base: format!("http://{}", node.api_addr().expect("api")),
-            agent,
+            agent: support::agent(),
             token: token.map(str::to_string),
         }
     }
@@ -64,40 +61,12 @@ impl Api {
     ) -> Answer {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let mut response = match method {
-            "GET" => {
-                let mut r = self.agent.get(&url);
-                for (k, v) in headers {
-                    r = r.header(*k, *v);
-                }
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.call().expect("request")
-            }
-            _ => {
-                let mut r = match method {
-                    "POST" => self.agent.post(&url),
-                    "PATCH" => self.agent.patch(&url),
-                    "PUT" => self.agent.put(&url),
-                    other => panic!("{other}"),
-                };
-                for (k, v) in headers {
-                    r = r.header(*k, *v);
-                }
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.send(body.unwrap_or_default()).expect("request")
-            }
-        };
-        let status = response.status().as_u16();
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_vec()
-            .expect("body");
+        let mut headers = headers.to_vec();
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth));
+        }
+        let (status, bytes) =
+            support::http(&self.agent, method, &url, body, &headers).expect("request");
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Answer {
             status,

@@ -2,93 +2,17 @@
 //! SIGTERM, syncing with another process), and `demo`. Real processes on
 //! 127.0.0.1; every wait is bounded and every child is killed on the way out.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use concord_core::automerge::ROOT;
 use concord_core::automerge::transaction::Transactable;
 use concord_core::{DEFAULT_SPACE, DocId, Replica};
 
-const BIN: &str = env!("CARGO_BIN_EXE_concord");
-
-fn concord(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("run concord")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A running `concord run`, killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    fn start(dir: &Path, args: &[&str]) -> Self {
-        let _ = std::fs::remove_file(dir.join("run.json"));
-        let child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn concord run");
-        Self(child)
-    }
-
-    /// The run.json the node writes once bound.
-    fn run_file(&self, dir: &Path) -> serde_json::Value {
-        let path = dir.join("run.json");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&path)
-                && let Ok(value) = serde_json::from_str(&text)
-            {
-                return value;
-            }
-            assert!(Instant::now() < deadline, "no run.json within 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, and the exit status within 10 s.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no clean exit within 10 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn init(dir: &Path) -> String {
-    let output = concord(dir, &["init"]);
-    assert!(output.status.success(), "init: {output:?}");
-    stdout(&output)
-}
+use support::{BIN, Concord, concord, init, stdout};
 
 #[test]
 fn init_and_id_print_the_node_id_and_init_refuses_twice() {
@@ -130,8 +54,8 @@ fn two_processes_sync_and_exit_cleanly() {
     let from_a = write_doc(&a_dir, "from_a");
     let from_b = write_doc(&b_dir, "from_b");
 
-    let a = Running::start(&a_dir, &["--trust", &b_id]);
-    let run = a.run_file(&a_dir);
+    let a = Concord::start(&a_dir, &[format!("--trust={b_id}")]);
+    let run = a.run.clone();
     assert_eq!(run["node_id"], a_id.as_str());
     assert!(run["pid"].as_u64().is_some());
     let a_addr = run["quic_addr"].as_str().expect("quic_addr").to_string();
@@ -141,8 +65,7 @@ fn two_processes_sync_and_exit_cleanly() {
     // locked while a node runs).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let b = Running::start(&b_dir, &["--peer", &peer]);
-        b.run_file(&b_dir);
+        let b = Concord::start(&b_dir, &[format!("--peer={peer}")]);
         std::thread::sleep(Duration::from_secs(1));
         let status = b.terminate();
         assert!(status.success(), "b exited with {status}");
@@ -177,8 +100,7 @@ fn status_and_document_commands_talk_to_the_running_node() {
     assert!(err.contains("no node is running"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
-    let node = Running::start(&dir, &[]);
-    node.run_file(&dir);
+    let node = Concord::start(&dir, &[]);
     let json = |output: Output| -> serde_json::Value {
         assert!(output.status.success(), "{output:?}");
         serde_json::from_str(&stdout(&output)).expect("JSON on stdout")

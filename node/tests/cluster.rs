@@ -4,104 +4,40 @@
 //! acknowledged; an untrusted node is refused and learns no document id.
 //! Every wait is bounded and every process is killed on the way out.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_concord");
+use support::{Concord, agent, http, init};
+
 const WAIT: Duration = Duration::from_secs(60);
 
-fn init(dir: &Path) -> String {
-    let output = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("init")
-        .output()
-        .expect("run concord init");
-    assert!(output.status.success(), "init: {output:?}");
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A running `concord run`, SIGKILLed when dropped.
+/// A running node and a client of its API.
 struct Proc {
-    child: Child,
-    quic: String,
-    api: String,
+    node: Concord,
     agent: ureq::Agent,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Proc {
-    fn start(dir: &Path, args: &[String]) -> Self {
-        let _ = std::fs::remove_file(dir.join("run.json"));
-        let log = std::fs::File::create(dir.join("log.txt")).expect("log");
-        let child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--log")
-            .arg("warn")
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn concord run");
-        let deadline = Instant::now() + WAIT;
-        let run: Value = loop {
-            if let Ok(text) = std::fs::read_to_string(dir.join("run.json"))
-                && let Ok(value) = serde_json::from_str(&text)
-            {
-                break value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no run.json in {}",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
+    fn start(dir: &std::path::Path, args: &[String]) -> Self {
         Self {
-            child,
-            quic: run["quic_addr"].as_str().expect("quic_addr").to_string(),
-            api: run["api_addr"].as_str().expect("api_addr").to_string(),
-            agent,
+            node: Concord::start(dir, args),
+            agent: agent(),
         }
     }
 
     /// Status code and JSON answer; `None` if the node cannot be reached.
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
-        let url = format!("http://{}{path}", self.api);
-        let response = match body {
-            None => self.agent.get(&url).call(),
-            Some(body) => {
-                let request = if method == "PATCH" {
-                    self.agent.patch(&url)
-                } else {
-                    self.agent.post(&url)
-                };
-                request
-                    .header("Content-Type", "application/json")
-                    .send(body.to_string())
-            }
-        };
-        let mut response = response.ok()?;
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().ok()?;
-        Some((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+        let url = format!("http://{}{path}", self.node.api);
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, bytes) = http(&self.agent, method, &url, body, &[])?;
+        Some((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
     fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -139,7 +75,7 @@ impl Proc {
     }
 
     fn peer_flag(&self, id: &str) -> String {
-        format!("--peer={id}@{}", self.quic)
+        self.node.peer_flag(id)
     }
 }
 
@@ -246,33 +182,31 @@ fn a_node_killed_during_writes_loses_nothing_it_acknowledged() {
     let mut acknowledged: Vec<String> = Vec::new();
     let mut n = 0u32;
     for round in 0..3 {
-        let api = b.api.clone();
+        let api = b.node.api.clone();
         let doc_path = format!("/v1/docs/{doc}");
         let first = n;
         let writer = std::thread::spawn(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .into();
+            let agent = agent();
             let mut acked = Vec::new();
             for i in first..first + 10_000 {
                 let key = format!("k{i}");
                 let ops = json!({"ops": [{"op": "set", "path": [key], "value": i}]});
-                match agent
-                    .patch(format!("http://{api}{doc_path}"))
-                    .header("Content-Type", "application/json")
-                    .send(ops.to_string())
-                {
-                    Ok(r) if r.status() == 200 => acked.push(key),
+                let url = format!("http://{api}{doc_path}");
+                match http(
+                    &agent,
+                    "PATCH",
+                    &url,
+                    Some(ops.to_string().into_bytes()),
+                    &[],
+                ) {
+                    Some((200, _)) => acked.push(key),
                     _ => break,
                 }
             }
             acked
         });
         std::thread::sleep(Duration::from_millis(300 + 200 * round));
-        let _ = b.child.kill();
-        let _ = b.child.wait();
+        b.node.kill();
         let acked = writer.join().expect("writer");
         assert!(
             !acked.is_empty(),

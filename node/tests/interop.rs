@@ -7,13 +7,15 @@
 //! Needs Node.js and npm; installs the package into `tests/interop/` with
 //! `npm ci` when it is not there yet (`.ci/run` does so up front).
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_concord");
+use support::{Concord, agent, http, init};
 
 fn interop_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
@@ -36,93 +38,13 @@ fn install_js() {
     assert!(status.success(), "npm ci in {} failed", dir.display());
 }
 
-struct Proc {
-    child: Child,
-    quic: String,
-    api: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn init(dir: &Path) -> String {
-    let output = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("init")
-        .output()
-        .expect("concord init");
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn start(dir: &Path, args: &[String]) -> Proc {
-    let child = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--log",
-            "warn",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("concord run");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let run: Value = loop {
-        if let Ok(text) = std::fs::read_to_string(dir.join("run.json"))
-            && let Ok(value) = serde_json::from_str(&text)
-        {
-            break value;
-        }
-        assert!(Instant::now() < deadline, "no run.json");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Proc {
-        child,
-        quic: run["quic_addr"].as_str().expect("quic").to_string(),
-        api: run["api_addr"].as_str().expect("api").to_string(),
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
-fn request(node: &Proc, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Vec<u8>) {
+fn request(node: &Concord, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Vec<u8>) {
     let url = format!("http://{}{path}", node.api);
-    let agent = agent();
-    let mut response = match (method, body) {
-        ("GET", _) => agent.get(&url).call(),
-        ("PATCH", Some(b)) => agent.patch(&url).send(b),
-        (_, b) => agent.post(&url).send(b.unwrap_or_default()),
-    }
-    .expect("request");
-    let status = response.status().as_u16();
-    let bytes = response
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .expect("body");
-    (status, bytes)
+    http(&agent(), method, &url, body, &[]).expect("node reachable")
 }
 
-fn json_call(node: &Proc, method: &str, path: &str, body: Option<Value>) -> Value {
+/// A JSON answer that must be a success.
+fn json_call(node: &Concord, method: &str, path: &str, body: Option<Value>) -> Value {
     let (status, bytes) = request(node, method, path, body.map(|b| b.to_string().into_bytes()));
     let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     assert!(
@@ -132,14 +54,26 @@ fn json_call(node: &Proc, method: &str, path: &str, body: Option<Value>) -> Valu
     value
 }
 
+/// Posts automerge bytes to a document; its new heads.
+fn import(node: &Concord, doc: &str, bytes: Vec<u8>) -> Value {
+    let (status, body) = request(
+        node,
+        "POST",
+        &format!("/v1/docs/{doc}/automerge"),
+        Some(bytes),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<Value>(&body).expect("json")["heads"].clone()
+}
+
 #[test]
 fn documents_round_trip_through_javascript_automerge() {
     install_js();
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     let (a_id, b_id) = (init(&a_dir), init(&b_dir));
-    let a = start(&a_dir, &[format!("--trust={b_id}")]);
-    let b = start(&b_dir, &[format!("--peer={a_id}@{}", a.quic)]);
+    let a = Concord::start(&a_dir, &[format!("--trust={b_id}")]);
+    let b = Concord::start(&b_dir, &[a.peer_flag(&a_id)]);
 
     // Created and edited through Concord.
     let created = json_call(
@@ -191,15 +125,8 @@ fn documents_round_trip_through_javascript_automerge() {
     let edited = &lines[1];
 
     // Posted back: merged on a, and replicated to b.
-    let (status, body) = request(
-        &a,
-        "POST",
-        &format!("/v1/docs/{id}/automerge"),
-        Some(std::fs::read(&output).expect("out")),
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let merged: Value = serde_json::from_slice(&body).expect("json");
-    assert_eq!(merged["heads"], edited["heads"]);
+    let merged = import(&a, &id, std::fs::read(&output).expect("out"));
+    assert_eq!(merged, edited["heads"]);
     let expected = json!({
         "title": "groceries",
         "todos": [
@@ -241,13 +168,8 @@ fn documents_round_trip_through_javascript_automerge() {
 
     // A document made in JavaScript becomes a new Concord document.
     let new_id = "5d9c2b1a-3e4f-4a6b-8c7d-9e0f1a2b3c4d";
-    let (status, body) = request(
-        &b,
-        "POST",
-        &format!("/v1/docs/{new_id}/automerge"),
-        Some(std::fs::read(&fresh).expect("new")),
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let imported = import(&b, new_id, std::fs::read(&fresh).expect("new"));
+    assert_eq!(imported, edited["made_heads"]);
     let made = json_call(&b, "GET", &format!("/v1/docs/{new_id}"), None);
     assert_eq!(made["value"], edited["made"]);
     assert_eq!(made["heads"], edited["made_heads"]);
