@@ -12,7 +12,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,6 +113,24 @@ impl ApiError {
     fn internal(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, code, message)
     }
+
+    fn exists(id: DocId) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "document_exists",
+            format!("a document with id {id} already exists"),
+        )
+    }
+
+    fn invalid_space(space: &str) -> Self {
+        Self::bad_request(
+            "invalid_space",
+            format!(
+                "{space:?} is not a valid space name (1 to {} bytes, no control characters)",
+                concord_core::MAX_SPACE_LEN
+            ),
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -160,18 +177,8 @@ impl From<DocError> for ApiError {
 impl From<TxError> for ApiError {
     fn from(e: TxError) -> Self {
         match e {
-            TxError::AlreadyExists(id) => Self::new(
-                StatusCode::CONFLICT,
-                "document_exists",
-                format!("a document with id {id} already exists"),
-            ),
-            TxError::InvalidSpace(space) => Self::bad_request(
-                "invalid_space",
-                format!(
-                    "{space:?} is not a valid space name (1 to {} bytes, no control characters)",
-                    concord_core::MAX_SPACE_LEN
-                ),
-            ),
+            TxError::AlreadyExists(id) => Self::exists(id),
+            TxError::InvalidSpace(space) => Self::invalid_space(&space),
             TxError::Doc(e) => e.into(),
             TxError::Change { id, source } => Self::bad_request(
                 "invalid_op",
@@ -185,11 +192,8 @@ impl From<TxError> for ApiError {
 impl From<CommitError> for ApiError {
     fn from(e: CommitError) -> Self {
         match e {
-            CommitError::AlreadyExists(id) => Self::new(
-                StatusCode::CONFLICT,
-                "document_exists",
-                format!("a document with id {id} was created meanwhile"),
-            ),
+            // Created by a transaction that committed meanwhile.
+            CommitError::AlreadyExists(id) => Self::exists(id),
             CommitError::Doc(e) => e.into(),
             CommitError::Storage(e) => e.into(),
             other => Self::internal("commit_failed", format!("the commit failed: {other}")),
@@ -314,21 +318,6 @@ fn doc_id(text: &str) -> Result<DocId, ApiError> {
     })
 }
 
-fn heads_json(heads: &Heads) -> Value {
-    serde_json::to_value(heads).unwrap_or(Value::Null)
-}
-
-/// Runs `f` (which applies ops to a transaction), turning an automerge
-/// panic into an error; the transaction must then be dropped.
-fn guarded<T>(f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        Err(ApiError::bad_request(
-            "invalid_op",
-            "automerge failed on these ops; nothing was changed",
-        ))
-    })
-}
-
 async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
     if let Some(token) = &api.token {
         let given = request
@@ -409,7 +398,8 @@ struct CreateDoc {
     id: Option<String>,
 }
 
-/// Creates `id` in `tx` with `value` at its root.
+/// Creates `id` in `tx` with `value` at its root. (`ops` checks its input
+/// and contains automerge's panics; on an error the caller drops `tx`.)
 fn create_in(
     tx: &mut Transaction,
     id: DocId,
@@ -417,15 +407,13 @@ fn create_in(
     value: Option<&Value>,
     op: usize,
 ) -> Result<(), ApiError> {
-    guarded(|| {
-        let written = tx.create_with_id(id, space, |d| {
-            Ok(match value {
-                Some(v) => ops::write_root(d, v).map_err(|e| e.at_op(op)),
-                None => Ok(()),
-            })
-        })?;
-        written.map_err(ApiError::from)
-    })
+    let written = tx.create_with_id(id, space, |d| {
+        Ok(match value {
+            Some(v) => ops::write_root(d, v).map_err(|e| e.at_op(op)),
+            None => Ok(()),
+        })
+    })?;
+    written.map_err(ApiError::from)
 }
 
 async fn create_doc(
@@ -461,7 +449,7 @@ async fn create_doc(
     .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"id": id.to_string(), "heads": heads_json(&heads)})),
+        axum::Json(json!({"id": id.to_string(), "heads": heads})),
     )
         .into_response())
 }
@@ -487,7 +475,7 @@ async fn list_docs(
         .flatten();
     let docs: Vec<Value> = docs
         .iter()
-        .map(|d| json!({"id": d.id.to_string(), "space": d.space, "heads": heads_json(&d.heads)}))
+        .map(|d| json!({"id": d.id.to_string(), "space": d.space, "heads": d.heads}))
         .collect();
     Ok(axum::Json(json!({"docs": docs, "next": next})).into_response())
 }
@@ -529,7 +517,7 @@ async fn get_doc(
         Ok(json!({
             "id": id.to_string(),
             "space": doc.space(),
-            "heads": heads_json(&heads),
+            "heads": heads,
             "value": value,
         }))
     })
@@ -553,10 +541,7 @@ async fn patch_doc(
     let node = api.node;
     let heads = blocking(move || {
         let mut tx = node.replica.begin()?;
-        guarded(|| {
-            tx.change(id, |d| Ok(ops::apply_ops(d, &patch.ops)))?
-                .map_err(ApiError::from)
-        })?;
+        tx.change(id, |d| Ok(ops::apply_ops(d, &patch.ops)))??;
         let receipt = commit(&node, tx)?;
         match receipt.heads(id) {
             Some(heads) => Ok(heads.clone()),
@@ -565,7 +550,7 @@ async fn patch_doc(
         }
     })
     .await?;
-    Ok(axum::Json(json!({"heads": heads_json(&heads)})).into_response())
+    Ok(axum::Json(json!({"heads": heads})).into_response())
 }
 
 /// One op of `POST /v1/tx`.
@@ -655,10 +640,8 @@ async fn transact(
                         run.push(op.clone());
                         i += 1;
                     }
-                    guarded(|| {
-                        tx.change(doc, |d| Ok(ops::apply_ops(d, &run)))?
-                            .map_err(|e| ApiError::from(e.at_op(start)))
-                    })?;
+                    tx.change(doc, |d| Ok(ops::apply_ops(d, &run)))?
+                        .map_err(|e| e.at_op(start))?;
                     touched.push(doc);
                 }
             }
@@ -671,7 +654,7 @@ async fn transact(
                 Some(h) => h.clone(),
                 None => snapshot.get(id)?.heads().clone(),
             };
-            docs.insert(id.to_string(), json!({"heads": heads_json(&heads)}));
+            docs.insert(id.to_string(), json!({"heads": heads}));
         }
         Ok(docs)
     })
@@ -743,7 +726,7 @@ async fn import(
         }
     })
     .await?;
-    Ok(axum::Json(json!({"heads": heads_json(&heads)})).into_response())
+    Ok(axum::Json(json!({"heads": heads})).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -759,7 +742,7 @@ fn entry_json(entry: &FeedEntry) -> Value {
         "seq": entry.seq,
         "doc": entry.id.to_string(),
         "space": entry.space,
-        "heads": heads_json(&entry.heads),
+        "heads": entry.heads,
     })
 }
 

@@ -30,7 +30,7 @@ impl Client {
             Some(url) if url.contains("://") => url.trim_end_matches('/').to_string(),
             Some(addr) => format!("http://{addr}"),
             None => {
-                let path = data_dir.join("run.json");
+                let path = data_dir.join(crate::RUN_FILE);
                 let text = std::fs::read_to_string(&path).map_err(|_| {
                     anyhow!(
                         "no node is running in {} (no run.json): start one with `concord run`, or pass --api URL",
@@ -68,31 +68,21 @@ impl Client {
                 self.base
             )
         };
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let mut response = match (method, body) {
-            ("GET", _) => {
-                let mut request = self.agent.get(&url);
-                if let Some(auth) = &auth {
-                    request = request.header("Authorization", auth);
-                }
-                request.call().map_err(unreachable)?
-            }
-            (method, body) => {
-                let mut request = match method {
-                    "POST" => self.agent.post(&url),
-                    "PATCH" => self.agent.patch(&url),
-                    other => bail!("unsupported method {other}"),
-                };
-                if let Some(auth) = &auth {
-                    request = request.header("Authorization", auth);
-                }
-                let text = body.map(Value::to_string).unwrap_or_default();
-                request
-                    .header("Content-Type", "application/json")
-                    .send(text)
-                    .map_err(unreachable)?
-            }
-        };
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("Content-Type", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let invalid = || format!("{method} {url}");
+        let mut response = match body {
+            Some(body) => self
+                .agent
+                .run(request.body(body.to_string()).with_context(invalid)?),
+            None => self.agent.run(request.body(()).with_context(invalid)?),
+        }
+        .map_err(unreachable)?;
         let status = response.status();
         let text = response
             .body_mut()
