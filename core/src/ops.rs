@@ -809,6 +809,8 @@ mod tests {
     use super::*;
     use crate::json::to_json;
 
+    // Test helpers (this module is `cfg(test)`): a panic fails the test
+    // that passed them a bad fixture.
     fn new_doc(value: Json) -> AutoCommit {
         let mut doc = AutoCommit::new();
         write_root(&mut doc, &value).unwrap();

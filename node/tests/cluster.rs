@@ -219,12 +219,19 @@ fn a_node_killed_during_writes_loses_nothing_it_acknowledged() {
             .set(&doc, &format!("a{round}"), json!(round))
             .expect("a up");
         assert_eq!(status, 200);
-        b = Proc::start(&d.dirs[1], &args);
-        // Everything acknowledged survived the kill, before any sync.
+        // Everything acknowledged survived the kill on b's own disk: look
+        // with the network off, so nothing can come back from a.
+        b = Proc::start(&d.dirs[1], &["--offline".to_string()]);
         let value = b.value(&doc).expect("b holds the document after restart");
         for key in &acknowledged {
             assert!(value.get(key).is_some(), "acknowledged {key} lost");
         }
+        assert!(
+            value.get(format!("a{round}")).is_none(),
+            "b synced while offline"
+        );
+        b.node.kill();
+        b = Proc::start(&d.dirs[1], &args);
     }
     let value = converge(&[&a, &b], &doc, |v| {
         v.get("a2").is_some() && acknowledged.iter().all(|k| v.get(k).is_some())
