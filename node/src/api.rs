@@ -253,6 +253,14 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// A document's heads, without loading its content.
+fn heads_of(snapshot: &concord_core::Snapshot, id: DocId) -> Result<Heads, ApiError> {
+    match snapshot.summary(id)? {
+        Some(summary) => Ok(summary.heads),
+        None => Err(DocError::NotFound(id).into()),
+    }
+}
+
 /// Commits, timing the commit for the metrics.
 fn commit(node: &Inner, tx: Transaction) -> Result<Receipt, ApiError> {
     let started = Instant::now();
@@ -546,7 +554,7 @@ async fn patch_doc(
         match receipt.heads(id) {
             Some(heads) => Ok(heads.clone()),
             // The ops changed nothing: the document's heads now.
-            None => Ok(node.replica.read()?.get(id)?.heads().clone()),
+            None => heads_of(&node.replica.read()?, id),
         }
     })
     .await?;
@@ -619,29 +627,24 @@ async fn transact(
     let docs = blocking(move || {
         let mut tx = node.replica.begin()?;
         let mut touched: Vec<DocId> = Vec::new();
-        let mut i = 0;
-        while i < ops.len() {
-            match &ops[i] {
+        let mut requested = ops.into_iter().enumerate().peekable();
+        while let Some((i, op)) = requested.next() {
+            match op {
                 TxOp::Create { doc, space, value } => {
                     let id = doc.unwrap_or_else(DocId::random);
-                    create_in(&mut tx, id, space, value.as_ref(), i)?;
+                    create_in(&mut tx, id, &space, value.as_ref(), i)?;
                     touched.push(id);
-                    i += 1;
                 }
-                TxOp::Edit { doc, .. } => {
+                TxOp::Edit { doc, op } => {
                     // A run of edits to one document is one automerge change.
-                    let doc = *doc;
-                    let start = i;
-                    let mut run = Vec::new();
-                    while let Some(TxOp::Edit { doc: d, op }) = ops.get(i) {
-                        if *d != doc {
-                            break;
-                        }
-                        run.push(op.clone());
-                        i += 1;
+                    let mut run = vec![op];
+                    while let Some((_, TxOp::Edit { op, .. })) = requested
+                        .next_if(|(_, next)| matches!(next, TxOp::Edit { doc: d, .. } if *d == doc))
+                    {
+                        run.push(op);
                     }
                     tx.change(doc, |d| Ok(ops::apply_ops(d, &run)))?
-                        .map_err(|e| e.at_op(start))?;
+                        .map_err(|e| e.at_op(i))?;
                     touched.push(doc);
                 }
             }
@@ -652,7 +655,8 @@ async fn transact(
         for id in touched {
             let heads = match receipt.heads(id) {
                 Some(h) => h.clone(),
-                None => snapshot.get(id)?.heads().clone(),
+                // Ops that changed nothing: the heads as they are.
+                None => heads_of(&snapshot, id)?,
             };
             docs.insert(id.to_string(), json!({"heads": heads}));
         }

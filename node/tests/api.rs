@@ -35,11 +35,13 @@ impl Answer {
     }
 
     /// Asserts the error shape, status and code.
-    fn error(self, status: u16, code: &str) {
+    /// Asserts the error shape, status and code; the message.
+    fn error(self, status: u16, code: &str) -> String {
         assert_eq!(self.status, status, "{}", self.body);
         assert_eq!(self.body["error"]["code"], code, "{}", self.body);
         let message = self.body["error"]["message"].as_str().expect("message");
         assert!(message.len() > 10, "a sentence, not {message:?}");
+        message.to_string()
     }
 }
 
@@ -230,15 +232,20 @@ async fn a_transaction_creates_and_changes_several_documents_in_one_commit() {
 
         // A failing op anywhere: nothing of the transaction is stored.
         let before = api.get(&format!("/v1/docs/{a}")).ok();
-        api.post(
-            "/v1/tx",
-            &json!({"ops": [
-                {"op": "set", "doc": a, "path": ["balance"], "value": 0},
-                {"op": "create", "space": "bank", "value": {"x": 1}},
-                {"op": "increment", "doc": new, "path": ["balance"], "by": 1},
-            ]}),
-        )
-        .error(422, "wrong_type");
+        let message = api
+            .post(
+                "/v1/tx",
+                &json!({"ops": [
+                    {"op": "set", "doc": a, "path": ["balance"], "value": 0},
+                    {"op": "create", "space": "bank", "value": {"x": 1}},
+                    {"op": "increment", "doc": new, "path": ["balance"], "by": 1},
+                ]}),
+            )
+            .error(422, "wrong_type");
+        assert!(
+            message.starts_with("op 2:"),
+            "names the failing op: {message}"
+        );
         assert_eq!(api.get(&format!("/v1/docs/{a}")).ok(), before);
         assert_eq!(api.seq(), seq + 1);
         assert_eq!(api.get("/v1/status").ok()["documents"], 2);
