@@ -5,9 +5,9 @@
 //! last commit that changed it (like CouchDB's by-seq index), so "what changed
 //! since N" costs O(documents changed since N).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use crate::{DocId, Heads, NodeId};
@@ -69,9 +69,14 @@ struct Subscriber {
     lagged: Arc<AtomicBool>,
 }
 
+type Hook = Arc<dyn Fn(&CommitEvent) + Send + Sync>;
+type Hooks = Mutex<Vec<(u64, Hook)>>;
+
 #[derive(Default)]
 pub(crate) struct Subscribers {
     list: Mutex<Vec<Subscriber>>,
+    hooks: Arc<Hooks>,
+    next_hook: AtomicU64,
 }
 
 impl Subscribers {
@@ -88,18 +93,44 @@ impl Subscribers {
         Subscription { receiver, lagged }
     }
 
+    pub(crate) fn hook(&self, hook: Hook) -> CommitHook {
+        let id = self.next_hook.fetch_add(1, Ordering::Relaxed);
+        self.hooks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((id, hook));
+        CommitHook {
+            id,
+            hooks: Arc::downgrade(&self.hooks),
+        }
+    }
+
     /// Tells every subscriber, never blocking: a subscriber whose queue is
-    /// full is marked lagged instead (its memory stays bounded).
+    /// full is marked lagged instead (its memory stays bounded). Then calls
+    /// the hooks, on this thread, outside any lock.
     pub(crate) fn publish(&self, event: Arc<CommitEvent>) {
-        let mut list = self.list.lock().unwrap_or_else(PoisonError::into_inner);
-        list.retain(|s| match s.sender.try_send(Arc::clone(&event)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                s.lagged.store(true, Ordering::Release);
-                true
-            }
-            Err(TrySendError::Disconnected(_)) => false,
-        });
+        {
+            let mut list = self.list.lock().unwrap_or_else(PoisonError::into_inner);
+            list.retain(|s| match s.sender.try_send(Arc::clone(&event)) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    s.lagged.store(true, Ordering::Release);
+                    true
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            });
+        }
+        let hooks: Vec<Hook> = self
+            .hooks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(_, hook)| Arc::clone(hook))
+            .collect();
+        for hook in hooks {
+            // A panicking hook must not take the commit thread with it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(&event)));
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -107,6 +138,36 @@ impl Subscribers {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty()
+            && self
+                .hooks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+    }
+}
+
+/// A function called with every commit event, from
+/// [`crate::Replica::on_commit`]; dropping it unregisters the function.
+#[must_use = "dropping the hook unregisters it"]
+pub struct CommitHook {
+    id: u64,
+    hooks: Weak<Hooks>,
+}
+
+impl Drop for CommitHook {
+    fn drop(&mut self) {
+        if let Some(hooks) = self.hooks.upgrade() {
+            hooks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for CommitHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitHook").field("id", &self.id).finish()
     }
 }
 

@@ -110,7 +110,9 @@ pub use automerge;
 
 pub use document::{ChangeInfo, Document};
 pub use error::{ApplyError, CommitError, DocError, Error, OpenError, StorageError, TxError};
-pub use feed::{CommitEvent, DocChange, FeedEntry, FeedPage, Origin, RecvError, Subscription};
+pub use feed::{
+    CommitEvent, CommitHook, DocChange, FeedEntry, FeedPage, Origin, RecvError, Subscription,
+};
 pub use heads::{Heads, ParseHeadsError};
 pub use id::{DocId, NodeId, ParseIdError};
 pub use peer::PeerProgress;

@@ -11,7 +11,7 @@ use crate::cache::DocCache;
 use crate::commit::{Committer, RemoteWrite, Request};
 use crate::contain;
 use crate::error::{ApplyError, CommitError, OpenError, StorageError};
-use crate::feed::{Origin, Subscribers, Subscription};
+use crate::feed::{CommitEvent, CommitHook, Origin, Subscribers, Subscription};
 use crate::snapshot::Snapshot;
 use crate::store::{self, StoreConfig};
 use crate::transaction::{Receipt, Transaction};
@@ -351,6 +351,16 @@ impl Replica {
     /// behind gets [`crate::RecvError::Lagged`] and catches up from the feed.
     pub fn subscribe(&self, capacity: usize) -> Subscription {
         self.shared.subscribers.subscribe(capacity)
+    }
+
+    /// Calls `hook` with every commit event (as [`Replica::subscribe`] would
+    /// deliver it) on the committing thread, as soon as the commit is
+    /// durable and before the committing transactions return: for waking
+    /// other work without a thread in between. `hook` must be quick and must
+    /// not block or commit. Dropping the returned [`CommitHook`] unregisters
+    /// it.
+    pub fn on_commit(&self, hook: impl Fn(&CommitEvent) + Send + Sync + 'static) -> CommitHook {
+        self.shared.subscribers.hook(Arc::new(hook))
     }
 
     /// Approximate bytes and number of documents held in the document cache.

@@ -324,6 +324,45 @@ fn subscribers_are_told_of_each_commit() {
 }
 
 #[test]
+fn commit_hooks_run_before_commit_returns_until_dropped() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let replica = Replica::in_memory().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let seen = Arc::clone(&seen);
+        replica.on_commit(move |event| seen.lock().unwrap().push(event.seq))
+    };
+    // A panicking hook neither stops the commit nor the other hooks.
+    let panics = Arc::new(AtomicU64::new(0));
+    let _bad = {
+        let panics = Arc::clone(&panics);
+        replica.on_commit(move |_| {
+            panics.fetch_add(1, Ordering::Relaxed);
+            panic!("a hook that panics");
+        })
+    };
+    let a = create(&replica, "n", 1);
+    // Told on the committing thread, before the commit returned.
+    assert_eq!(*seen.lock().unwrap(), vec![1]);
+    change(&replica, a, "n", 2);
+    assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    assert_eq!(panics.load(Ordering::Relaxed), 2);
+    // A commit that changes nothing is not an event.
+    replica.begin().unwrap().commit().unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    drop(hook);
+    change(&replica, a, "n", 3);
+    assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    assert_eq!(panics.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        replica.read().unwrap().get(a).unwrap().to_json(),
+        json!({"n": 3})
+    );
+}
+
+#[test]
 fn applying_received_changes_is_idempotent_and_atomic() {
     let source = Replica::in_memory().unwrap();
     let a = create(&source, "n", 1);

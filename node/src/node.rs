@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use concord_core::{NodeId, Replica};
+use concord_core::{CommitHook, NodeId, Replica};
 use concord_sync_protocol::Event;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -362,7 +362,8 @@ pub struct Node {
     inner: Arc<Inner>,
     api_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
-    feed_thread: Option<std::thread::JoinHandle<()>>,
+    /// Bumps the feed watch on every commit; unregistered when dropped.
+    _commit_hook: CommitHook,
 }
 
 impl std::fmt::Debug for Node {
@@ -438,7 +439,7 @@ impl Node {
             shutdown,
             metrics: Metrics::default(),
         });
-        let feed_thread = Some(spawn_feed_bridge(&inner));
+        let commit_hook = feed_hook(&inner);
         let mut tasks = JoinSet::new();
         let node_id = inner.identity.node_id();
         tasks.spawn(
@@ -467,7 +468,7 @@ impl Node {
             inner,
             api_addr,
             tasks,
-            feed_thread,
+            _commit_hook: commit_hook,
         })
     }
 
@@ -522,9 +523,6 @@ impl Node {
         }
         self.inner.endpoint.close(0u32.into(), b"shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
-        if let Some(thread) = self.feed_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
     }
 }
 
@@ -533,30 +531,14 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STORE_FILE)
 }
 
-/// Forwards the replica's commit events to the sessions (a std thread: the
-/// subscription blocks).
-fn spawn_feed_bridge(inner: &Arc<Inner>) -> std::thread::JoinHandle<()> {
-    let subscription = inner.replica.subscribe(1024);
+/// Tells the sessions of each commit, from the committing thread (no thread
+/// in between: a local commit reaches the peers' sessions at once).
+fn feed_hook(inner: &Arc<Inner>) -> CommitHook {
     let feed = inner.feed.clone();
     let metrics = inner.metrics.clone();
-    let shutdown = inner.shutdown.subscribe();
-    std::thread::spawn(move || {
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            match subscription.recv_timeout(Duration::from_millis(100)) {
-                Ok(event) => {
-                    metrics.commit(event.origin);
-                    feed.send_modify(|n| *n += 1);
-                }
-                Err(concord_core::RecvError::Lagged) => {
-                    feed.send_modify(|n| *n += 1);
-                }
-                Err(concord_core::RecvError::Empty) => {}
-                Err(_) => break,
-            }
-        }
+    inner.replica.on_commit(move |event| {
+        metrics.commit(event.origin);
+        feed.send_modify(|n| *n += 1);
     })
 }
 

@@ -4,7 +4,6 @@
 //! `block_in_place`, off the reactor's other tasks. It reads only while the
 //! session wants input, so a slow peer slows us instead of growing buffers.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,8 +14,9 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
-/// Frames pulled from the session but not yet written, at most.
-const PENDING_FRAMES: usize = 64;
+/// Pull frames from the session while fewer bytes than this wait to be
+/// written (one frame may go past it; the session bounds its own queue).
+const PENDING_BYTES: usize = 256 << 10;
 /// Bytes read from the stream at a time.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -45,6 +45,17 @@ pub(crate) struct Context {
     pub(crate) metrics: Metrics,
 }
 
+/// What woke the session task.
+enum Wake {
+    Start,
+    /// The node went offline or is shutting down.
+    Disconnect,
+    Written(Result<usize, quinn::WriteError>),
+    Read(Result<Option<usize>, quinn::ReadError>),
+    Feed,
+    Timer,
+}
+
 /// Runs a session with `peer` on the stream until it ends.
 pub(crate) async fn run_session(
     mut context: Context,
@@ -58,20 +69,55 @@ pub(crate) async fn run_session(
         SessionConfig::new(context.local, peer),
         now(context.started),
     );
-    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut offset = 0usize;
+    // Frames pulled from the session, concatenated, and how much of them is
+    // written: frames produced together leave in one write (an announcement
+    // and the push that follows it reach the peer together).
+    let mut out: Vec<u8> = Vec::new();
+    let mut written = 0usize;
     let mut buf = vec![0u8; READ_CHUNK];
     let mut outcome = Outcome::default();
     let mut announced = 0u64;
     let mut changes_sent = 0u64;
+    let mut wake = Wake::Start;
     loop {
-        // Pull what the session has to send (reading the feed as we go).
-        while pending.len() < PENDING_FRAMES {
-            match tokio::task::block_in_place(|| session.poll_transmit(&replica)) {
-                Some(frame) => pending.push_back(frame),
-                None => break,
+        // Everything that may touch redb, in one go off the reactor: what
+        // woke us, then pulling what the session has to send.
+        tokio::task::block_in_place(|| {
+            let at = now(context.started);
+            match wake {
+                Wake::Start => {}
+                Wake::Disconnect => session.close(
+                    &replica,
+                    ErrorCode::Closing,
+                    "the node is going offline or shutting down",
+                ),
+                Wake::Written(Ok(n)) => written += n,
+                Wake::Written(Err(e)) => {
+                    debug!(%peer, error = %e, "stream closed while writing");
+                    session.handle_disconnect(&replica, at);
+                    out.clear();
+                    written = 0;
+                }
+                Wake::Read(Ok(Some(n))) => session.handle_input(&replica, &buf[..n], at),
+                Wake::Read(Ok(None) | Err(_)) => {
+                    session.handle_disconnect(&replica, at);
+                    out.clear();
+                    written = 0;
+                }
+                Wake::Feed => session.handle_feed(&replica, at),
+                Wake::Timer => session.handle_timeout(&replica, at),
             }
-        }
+            if written == out.len() {
+                out.clear();
+                written = 0;
+            }
+            while out.len() - written < PENDING_BYTES {
+                match session.poll_transmit(&replica) {
+                    Some(frame) => out.extend_from_slice(&frame),
+                    None => break,
+                }
+            }
+        });
         let stats = session.stats();
         if stats.docs_announced > announced {
             context
@@ -91,7 +137,7 @@ pub(crate) async fn run_session(
             }
             (context.on_event)(peer, &event);
         }
-        if session.is_closed() && pending.is_empty() {
+        if session.is_closed() && written == out.len() {
             let _ = send.finish();
             break;
         }
@@ -105,53 +151,21 @@ pub(crate) async fn run_session(
                 None => std::future::pending::<()>().await,
             }
         };
-        let front: Option<Vec<u8>> = pending.front().map(|f| f[offset..].to_vec());
-        let writing = async {
-            match &front {
-                Some(bytes) => send.write(bytes).await,
-                None => std::future::pending().await,
-            }
-        };
-        let wants_input = session.wants_input();
-        tokio::select! {
+        let reading = session.wants_input() && !session.is_closed();
+        wake = tokio::select! {
             biased;
             changed = context.connected.changed() => {
                 if changed.is_err() || !*context.connected.borrow() {
-                    tokio::task::block_in_place(|| {
-                        session.close(&replica, ErrorCode::Closing, "the node is going offline or shutting down");
-                    });
+                    Wake::Disconnect
+                } else {
+                    Wake::Start
                 }
             }
-            written = writing => match written {
-                Ok(n) => {
-                    offset += n;
-                    if pending.front().is_some_and(|f| offset >= f.len()) {
-                        pending.pop_front();
-                        offset = 0;
-                    }
-                }
-                Err(e) => {
-                    debug!(%peer, error = %e, "stream closed while writing");
-                    tokio::task::block_in_place(|| session.handle_disconnect(&replica, now(context.started)));
-                    pending.clear();
-                }
-            },
-            read = recv.read(&mut buf), if wants_input && !session.is_closed() => match read {
-                Ok(Some(n)) => tokio::task::block_in_place(|| {
-                    session.handle_input(&replica, &buf[..n], now(context.started));
-                }),
-                Ok(None) | Err(_) => {
-                    tokio::task::block_in_place(|| session.handle_disconnect(&replica, now(context.started)));
-                    pending.clear();
-                }
-            },
-            _ = context.feed.changed() => tokio::task::block_in_place(|| {
-                session.handle_feed(&replica, now(context.started));
-            }),
-            () = sleep => tokio::task::block_in_place(|| {
-                session.handle_timeout(&replica, now(context.started));
-            }),
-        }
+            w = send.write(&out[written..]), if written < out.len() => Wake::Written(w),
+            r = recv.read(&mut buf), if reading => Wake::Read(r),
+            _ = context.feed.changed() => Wake::Feed,
+            () = sleep => Wake::Timer,
+        };
     }
     let stats = session.stats();
     info!(%peer, frames_sent = stats.frames_sent, frames_received = stats.frames_received, "session ended");

@@ -1115,6 +1115,9 @@ impl Session {
         // Work on copies: automerge may panic or fail half-way, leaving the
         // document or the state damaged.
         let mut working = working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?;
+        // Let go of the stored copy: the store then takes its cached
+        // document to apply the changes to without copying it.
+        drop(ours);
         let before = working.get_heads();
         let carried = match message_changes(&message) {
             Ok(carried) => carried,
