@@ -1112,13 +1112,11 @@ impl Session {
                 self.state_for(store, doc)?
             }
         };
-        // Work on copies: automerge may panic or fail half-way, leaving the
-        // document or the state damaged.
-        let mut working = working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?;
-        // Let go of the stored copy: the store then takes its cached
-        // document to apply the changes to without copying it.
-        drop(ours);
-        let before = working.get_heads();
+        // The changes the message carries. automerge may apply only part of
+        // what it receives (FINDINGS.md), so the session stores all of it
+        // itself, before automerge sees the message: a received change is
+        // applied to the document once (in the store, whose apply contains
+        // automerge's panics), and is durable as soon as it can be.
         let carried = match message_changes(&message) {
             Ok(carried) => carried,
             Err(reason) => {
@@ -1127,6 +1125,64 @@ impl Session {
                 return Ok(());
             }
         };
+        let new_changes: Vec<Vec<u8>> = carried
+            .iter()
+            .filter(|c| {
+                ours.as_ref()
+                    .is_none_or(|d| d.automerge().get_change_meta_by_hash(&c.hash()).is_none())
+            })
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        // Let go of the stored copy: the store then takes its cached
+        // document to apply the changes to without copying it.
+        drop(ours);
+        if !new_changes.is_empty() {
+            if !valid_space(&space) {
+                self.end_exchange(doc, false);
+                self.refuse_doc(
+                    doc,
+                    ErrorCode::UnknownDocument,
+                    format!("changes for document {doc}, which was never announced"),
+                );
+                return Ok(());
+            }
+            let count = new_changes.len();
+            let incoming = Incoming {
+                id: doc,
+                space: space.clone(),
+                data: IncomingData::Changes(new_changes),
+            };
+            if let Err(fatal_or_refusal) = self.store_changes(store, incoming) {
+                match fatal_or_refusal {
+                    Stored::Fatal(f) => return Err(f),
+                    Stored::Refused(code, reason) => {
+                        self.end_exchange(doc, false);
+                        self.refuse_doc(doc, code, reason);
+                        return Ok(());
+                    }
+                }
+            }
+            self.stats.changes_received += count as u64;
+            self.events.push_back(Event::Applied {
+                doc,
+                changes: count,
+            });
+        }
+        // Then the message, for the sync state, on a copy of what is stored
+        // now (its changes are there already, or wait in the store for
+        // their dependencies): automerge may panic or fail half-way, leaving
+        // the document or the state damaged.
+        let stored = match store.document(doc) {
+            Ok(d) => d,
+            Err(DocError::Storage(e)) => return Err(e.into()),
+            Err(e) => {
+                self.end_exchange(doc, false);
+                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, e.to_string());
+                return Ok(());
+            }
+        };
+        let mut working = working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?;
+        drop(stored);
         let received = catch_unwind(AssertUnwindSafe(|| {
             let mut next = state.clone();
             working
@@ -1150,64 +1206,6 @@ impl Session {
                 return Ok(());
             }
         };
-        // What to store: the changes automerge applied, and those it keeps
-        // queued for missing dependencies (the store keeps them too).
-        let new_changes: Vec<Vec<u8>> = match catch_unwind(AssertUnwindSafe(|| {
-            let mut changes: Vec<Vec<u8>> = working
-                .get_changes(&before)
-                .iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect();
-            for change in &carried {
-                if working.get_change_meta_by_hash(&change.hash()).is_none() {
-                    changes.push(change.raw_bytes().to_vec());
-                }
-            }
-            changes
-        })) {
-            Ok(changes) => changes,
-            Err(p) => {
-                self.end_exchange(doc, false);
-                self.refuse_doc(
-                    doc,
-                    ErrorCode::InvalidSyncMessage,
-                    format!("automerge panicked: {}", describe(&*p)),
-                );
-                return Ok(());
-            }
-        };
-        if !new_changes.is_empty() {
-            if !valid_space(&space) {
-                self.end_exchange(doc, false);
-                self.refuse_doc(
-                    doc,
-                    ErrorCode::UnknownDocument,
-                    format!("changes for document {doc}, which was never announced"),
-                );
-                return Ok(());
-            }
-            let count = new_changes.len();
-            let incoming = Incoming {
-                id: doc,
-                space: space.clone(),
-                data: IncomingData::Changes(new_changes),
-            };
-            if let Err(fatal_or_refusal) = self.store_changes(store, incoming) {
-                match fatal_or_refusal {
-                    Stored::Fatal(f) => return Err(f),
-                    Stored::Refused(reason) => {
-                        self.end_exchange(doc, false);
-                        self.refuse_doc(doc, ErrorCode::Refused, reason);
-                        return Ok(());
-                    }
-                }
-            }
-            self.stats.changes_received += count as u64;
-            self.events.push_back(Event::Applied {
-                doc,
-                changes: count,
-            });
-        }
         // Is the announced state here now?
         if let Some(want) = self.receiving.wanted.get(&doc)
             && contains_all(&working, want.heads.as_slice())
@@ -1253,7 +1251,14 @@ impl Session {
             Ok(_) => Ok(()),
             Err(ApplyError::Storage(e)) => Err(Stored::Fatal(e.into())),
             Err(ApplyError::Doc(DocError::Storage(e))) => Err(Stored::Fatal(e.into())),
-            Err(e) => Err(Stored::Refused(e.to_string())),
+            // Bytes automerge cannot take: as a bad message would be.
+            Err(e @ (ApplyError::InvalidData { .. } | ApplyError::Refused { .. })) => Err(
+                Stored::Refused(ErrorCode::InvalidSyncMessage, e.to_string()),
+            ),
+            Err(e @ ApplyError::TooManyPending { .. }) => {
+                Err(Stored::Refused(ErrorCode::LimitExceeded, e.to_string()))
+            }
+            Err(e) => Err(Stored::Refused(ErrorCode::Refused, e.to_string())),
         }
     }
 
@@ -1354,7 +1359,7 @@ enum Have {
 
 enum Stored {
     Fatal(Fatal),
-    Refused(String),
+    Refused(ErrorCode, String),
 }
 
 /// A copy of `doc` (or a new document) with the store's changes that wait

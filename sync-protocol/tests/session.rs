@@ -262,3 +262,49 @@ fn changes_for_a_document_never_announced_are_refused() {
     assert!(h.replica.read().expect("read").is_empty().expect("empty"));
     assert!(!h.session.is_closed());
 }
+
+#[test]
+fn a_change_the_store_cannot_apply_is_refused_and_nothing_is_stored() {
+    use concord_core::automerge::sync::{State, SyncDoc};
+    use concord_core::automerge::{AutoCommit, Automerge};
+
+    let mut h = Harness::established();
+    let id = h.create();
+    let before = h.replica.read().expect("read").get(id).expect("get");
+    // A well-formed change that reuses the stored change's (actor, seq)
+    // with other content: it parses, but automerge refuses to apply it.
+    let actor = before.automerge().get_changes(&[])[0].actor_id().clone();
+    let mut forged = AutoCommit::new().with_actor(actor);
+    forged.put(ROOT, "k", 666).expect("put");
+    let mut ask_state = State::new();
+    let ask = Automerge::new()
+        .generate_sync_message(&mut ask_state)
+        .expect("ask");
+    let mut state = State::new();
+    let mut sync = forged.sync();
+    sync.receive_sync_message(&mut state, ask).expect("receive");
+    let message = sync.generate_sync_message(&mut state).expect("changes");
+    assert!(!message.changes.is_empty());
+    h.send(&Message::Sync(SyncData {
+        doc: ByteArray::new(*id.as_bytes()),
+        data: ByteBuf::from(message.encode()),
+    }));
+    let sent = h.received();
+    assert!(
+        sent.iter().any(|m| matches!(m, Message::DocError(e)
+            if e.code == ErrorCode::InvalidSyncMessage.as_u16() && e.doc.into_array() == *id.as_bytes())),
+        "no DocError for an unappliable change: {sent:?}"
+    );
+    assert!(!h.session.is_closed(), "the session must go on");
+    let after = h.replica.read().expect("read").get(id).expect("get");
+    assert_eq!(before.heads(), after.heads());
+    assert_eq!(after.to_json(), serde_json::json!({"k": 1}));
+    assert!(
+        h.replica
+            .read()
+            .expect("read")
+            .pending_changes(id)
+            .expect("pending")
+            .is_empty()
+    );
+}
