@@ -18,7 +18,7 @@ use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use automerge::{Automerge, Change, ChangeHash};
-use redb::{ReadableTable, Table};
+use redb::{ReadableTable, Table, WriteTransaction};
 
 use crate::contain;
 use crate::document;
@@ -264,12 +264,50 @@ struct DocUpdate {
     known_to: Option<NodeId>,
 }
 
+type SnapshotTable<'txn> = Table<'txn, [u8; 16], &'static [u8]>;
+type PendingTable<'txn> = Table<'txn, ([u8; 16], [u8; 32]), &'static [u8]>;
+
+/// The tables a batch writes. Snapshots and pending changes are opened only
+/// when a request needs them: most commits touch neither, and every table
+/// opened in a redb write transaction costs work at commit.
 struct Tables<'txn> {
+    tx: &'txn WriteTransaction,
     docs: Table<'txn, [u8; 16], &'static [u8]>,
-    snapshots: Table<'txn, [u8; 16], &'static [u8]>,
     log: Table<'txn, ([u8; 16], u64), &'static [u8]>,
-    pending: Table<'txn, ([u8; 16], [u8; 32]), &'static [u8]>,
     feed: Table<'txn, (u64, [u8; 16]), &'static [u8]>,
+    snapshots: Option<SnapshotTable<'txn>>,
+    pending: Option<PendingTable<'txn>>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn snapshots(&mut self) -> Result<&mut SnapshotTable<'txn>, StorageError> {
+        let table = match self.snapshots.take() {
+            Some(table) => table,
+            None => self.tx.open_table(store::SNAPSHOTS)?,
+        };
+        Ok(self.snapshots.insert(table))
+    }
+
+    fn pending(&mut self) -> Result<&mut PendingTable<'txn>, StorageError> {
+        let table = match self.pending.take() {
+            Some(table) => table,
+            None => self.tx.open_table(store::PENDING)?,
+        };
+        Ok(self.pending.insert(table))
+    }
+
+    /// Loads the stored document of `row`.
+    fn load(&mut self, id: DocId, row: &DocRow) -> Result<Automerge, DocError> {
+        let table = match self.snapshots.take() {
+            Some(table) => table,
+            None => self
+                .tx
+                .open_table(store::SNAPSHOTS)
+                .map_err(StorageError::from)?,
+        };
+        let snapshots = self.snapshots.insert(table);
+        document::load(id, row, &*snapshots, &self.log)
+    }
 }
 
 fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)> {
@@ -320,11 +358,12 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
     let mut finished: HashMap<DocId, Current> = HashMap::new();
     {
         let mut tables = Tables {
+            tx: &tx,
             docs: tx.open_table(store::DOCS)?,
-            snapshots: tx.open_table(store::SNAPSHOTS)?,
             log: tx.open_table(store::LOG)?,
-            pending: tx.open_table(store::PENDING)?,
             feed: tx.open_table(store::FEED)?,
+            snapshots: None,
+            pending: None,
         };
         // The last sequence number is the feed's last key: the latest
         // commit's entries are never superseded.
@@ -336,11 +375,11 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
             let (origin, prepared) = match request {
                 Request::Local(writes) => (
                     Origin::Local,
-                    prepare_local(shared, &tables, &mut finished, writes),
+                    prepare_local(shared, &mut tables, &mut finished, writes),
                 ),
                 Request::Remote(origin, writes) => (
                     origin,
-                    prepare_remote(shared, &tables, &mut finished, origin, writes),
+                    prepare_remote(shared, &mut tables, &mut finished, origin, writes),
                 ),
             };
             let updates = match prepared {
@@ -387,7 +426,7 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
 /// cache when it holds that state; taken out of it, since it will change).
 fn current(
     shared: &Shared,
-    tables: &Tables<'_>,
+    tables: &mut Tables<'_>,
     finished: &mut HashMap<DocId, Current>,
     id: DocId,
 ) -> Result<Option<Current>, DocError> {
@@ -405,13 +444,13 @@ fn current(
     let heads = row.heads();
     let doc = match shared.cache.take(id, &heads) {
         Some(doc) => doc,
-        None => Arc::new(document::load(id, &row, &tables.snapshots, &tables.log)?),
+        None => Arc::new(tables.load(id, &row)?),
     };
     Ok(Some(Current { row, doc }))
 }
 
 /// The stored row of `id`, if any.
-fn stored_row(tables: &Tables<'_>, id: DocId) -> Result<Option<DocRow>, DocError> {
+fn stored_row(tables: &mut Tables<'_>, id: DocId) -> Result<Option<DocRow>, DocError> {
     match tables
         .docs
         .get(*id.as_bytes())
@@ -426,18 +465,13 @@ fn stored_row(tables: &Tables<'_>, id: DocId) -> Result<Option<DocRow>, DocError
 /// (taken out of it, since it will change), else loaded.
 fn stored_doc(
     shared: &Shared,
-    tables: &Tables<'_>,
+    tables: &mut Tables<'_>,
     id: DocId,
     row: &DocRow,
 ) -> Result<Arc<Automerge>, DocError> {
     match shared.cache.take(id, &row.heads()) {
         Some(doc) => Ok(doc),
-        None => Ok(Arc::new(document::load(
-            id,
-            row,
-            &tables.snapshots,
-            &tables.log,
-        )?)),
+        None => Ok(Arc::new(tables.load(id, row)?)),
     }
 }
 
@@ -447,7 +481,7 @@ fn owned(doc: Arc<Automerge>) -> Automerge {
 
 fn prepare_local(
     shared: &Shared,
-    tables: &Tables<'_>,
+    tables: &mut Tables<'_>,
     finished: &mut HashMap<DocId, Current>,
     writes: Vec<LocalWrite>,
 ) -> Result<Vec<DocUpdate>, RequestError> {
@@ -555,7 +589,7 @@ fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
 /// is prepared, so a second entry would be prepared from the stale row.
 fn prepare_remote(
     shared: &Shared,
-    tables: &Tables<'_>,
+    tables: &mut Tables<'_>,
     finished: &mut HashMap<DocId, Current>,
     origin: Origin,
     writes: Vec<RemoteWrite>,
@@ -593,7 +627,7 @@ fn prepare_remote(
 
 fn prepare_remote_doc(
     shared: &Shared,
-    tables: &Tables<'_>,
+    tables: &mut Tables<'_>,
     finished: &mut HashMap<DocId, Current>,
     peer: Option<NodeId>,
     write: RemoteWrite,
@@ -648,7 +682,8 @@ fn prepare_remote_doc(
         let key = *id.as_bytes();
         let mut raw = Vec::new();
         for entry in tables
-            .pending
+            .pending()
+            .map_err(RequestError::Storage)?
             .range((key, [0u8; 32])..=(key, [0xff; 32]))
             .map_err(|e| RequestError::Storage(e.into()))?
         {
@@ -753,11 +788,11 @@ fn write_update(
     } = update;
     let key = *id.as_bytes();
     for hash in &remove_pending {
-        tables.pending.remove((key, hash.0))?;
+        tables.pending()?.remove((key, hash.0))?;
     }
     for change in &add_pending {
         tables
-            .pending
+            .pending()?
             .insert((key, change.hash().0), change.raw_bytes())?;
     }
     let added_bytes: u64 = log.iter().map(|c| c.raw_bytes().len() as u64).sum();
@@ -768,7 +803,7 @@ fn write_update(
         || log_bytes > options.compact_after_bytes.max(row.snapshot_bytes);
     if compact {
         let snapshot = doc.save();
-        tables.snapshots.insert(key, snapshot.as_slice())?;
+        tables.snapshots()?.insert(key, snapshot.as_slice())?;
         tables
             .log
             .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)?;
