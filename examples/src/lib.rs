@@ -42,10 +42,7 @@ impl Home {
 
     /// This home as a peer of another node (`dial`: the other dials it).
     pub fn as_peer(&self, dial: bool) -> PeerConfig {
-        PeerConfig {
-            id: self.identity.node_id(),
-            addr: dial.then_some(self.addr),
-        }
+        PeerConfig::new(self.identity.node_id(), dial.then_some(self.addr))
     }
 
     /// Starts the node with these peers.

@@ -82,7 +82,7 @@ fn role_b() {
         .expect("runtime");
     runtime.block_on(async {
         let mut config = NodeConfig::new(&dir, "127.0.0.1:0".parse().expect("addr"));
-        config.peers = vec![PeerConfig { id: a, addr: None }];
+        config.peers = vec![PeerConfig::new(a, None)];
         let node = Node::start(config).await.expect("start b");
         let mut out = std::io::stdout().lock();
         writeln!(out, "ADDR {}", node.local_addr().expect("addr")).expect("stdout");
@@ -223,10 +223,7 @@ fn main() {
             .parse()
             .expect("b address");
         let mut config = NodeConfig::new(&a_dir, "127.0.0.1:0".parse().expect("addr"));
-        config.peers = vec![PeerConfig {
-            id: b_identity.node_id(),
-            addr: Some(b_addr),
-        }];
+        config.peers = vec![PeerConfig::new(b_identity.node_id(), Some(b_addr))];
         let a = Node::start(config).await.expect("start a");
         assert_eq!(next("receiving the document"), "READY");
         let _ = next("receiving the document"); // its first SEEN line

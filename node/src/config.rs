@@ -6,6 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
 use concord_core::NodeId;
+use concord_sync_protocol::{Access, Level};
 use serde::Deserialize;
 
 use crate::node::PeerConfig;
@@ -38,24 +39,10 @@ pub struct PeerEntry {
     pub id: NodeId,
     /// `host:port` to dial; absent to only accept it.
     pub addr: Option<String>,
-    /// Space (or `"*"`) → `"read"`, `"write"` or `"read-write"`. Read and
-    /// validated; enforced once access control exists (issue 6).
+    /// Space (or `"*"`) → `"read"`, `"write"` or `"read-write"`; absent,
+    /// read-write on everything.
     #[serde(default)]
-    pub access: BTreeMap<String, Access>,
-}
-
-/// A grant on a space.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-pub enum Access {
-    /// Receive documents of the space.
-    #[serde(rename = "read")]
-    Read,
-    /// Send changes to documents of the space.
-    #[serde(rename = "write")]
-    Write,
-    /// Both.
-    #[serde(rename = "read-write")]
-    ReadWrite,
+    pub access: Option<BTreeMap<String, Level>>,
 }
 
 /// Why the configuration is unusable.
@@ -127,10 +114,7 @@ pub fn parse_peer_flag(flag: &str) -> Result<PeerConfig, ConfigError> {
     let id: NodeId = id
         .parse()
         .map_err(|_| ConfigError::PeerFlag(flag.to_string()))?;
-    Ok(PeerConfig {
-        id,
-        addr: Some(resolve(addr)?),
-    })
+    Ok(PeerConfig::new(id, Some(resolve(addr)?)))
 }
 
 /// The peers of the file, resolved.
@@ -138,9 +122,16 @@ pub fn file_peers(file: &ConfigFile) -> Result<Vec<PeerConfig>, ConfigError> {
     file.peers
         .iter()
         .map(|p| {
-            Ok(PeerConfig {
-                id: p.id,
-                addr: p.addr.as_deref().map(resolve).transpose()?,
+            let peer = PeerConfig::new(p.id, p.addr.as_deref().map(resolve).transpose()?);
+            Ok(match &p.access {
+                Some(entries) => peer.with_access(
+                    entries
+                        .iter()
+                        .fold(Access::none(), |access, (space, level)| {
+                            access.grant(space, *level)
+                        }),
+                ),
+                None => peer,
             })
         })
         .collect()
@@ -184,11 +175,39 @@ id = "{id}"
         );
         let file: ConfigFile = toml::from_str(&text).expect("parses");
         assert_eq!(file.peers.len(), 2);
-        assert_eq!(file.peers[0].access.get("*"), Some(&Access::ReadWrite));
+        assert_eq!(
+            file.peers[0].access.as_ref().and_then(|a| a.get("*")),
+            Some(&Level::ReadWrite)
+        );
         assert_eq!(file.peers[1].addr, None);
         let peers = file_peers(&file).expect("resolves");
         assert_eq!(peers[0].addr, Some("127.0.0.1:7402".parse().expect("addr")));
         assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn access_grants_parse_and_default_to_everything() {
+        let id = NodeId::from_bytes([7; 32]);
+        let text = format!(
+            r#"
+[[peer]]
+id = "{id}"
+access = {{ "public" = "read", "inbox" = "write" }}
+
+[[peer]]
+id = "{id}"
+"#
+        );
+        let file: ConfigFile = toml::from_str(&text).expect("parses");
+        let peers = file_peers(&file).expect("resolves");
+        let limited = &peers[0].access;
+        assert!(limited.can_read("public") && !limited.can_write("public"));
+        assert!(limited.can_write("inbox") && !limited.can_read("inbox"));
+        assert!(!limited.can_read("default") && !limited.can_write("default"));
+        assert!(peers[1].access.is_full());
+        let bad = format!("[[peer]]\nid = \"{id}\"\naccess = {{ \"*\" = \"admin\" }}\n");
+        let err = toml::from_str::<ConfigFile>(&bad).expect_err("unknown level");
+        assert!(err.to_string().contains("admin"), "{err}");
     }
 
     #[test]

@@ -80,9 +80,8 @@ pub(crate) async fn run() -> anyhow::Result<()> {
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(j, other)| PeerConfig {
-                id: other.identity.node_id(),
-                addr: (j > i).then_some(other.addr),
+            .map(|(j, other)| {
+                PeerConfig::new(other.identity.node_id(), (j > i).then_some(other.addr))
             })
             .collect();
         let mut config = NodeConfig::new(m.dir.path(), m.addr);

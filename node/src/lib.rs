@@ -20,7 +20,7 @@
 //!     // Peers to dial (with an address) or only accept (without).
 //!     let friend: concord_core::NodeId =
 //!         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".parse()?;
-//!     config.peers.push(PeerConfig { id: friend, addr: None });
+//!     config.peers.push(PeerConfig::new(friend, None));
 //!     // Optionally the HTTP API too (port 0: any free port).
 //!     config.api = Some("127.0.0.1:0".parse()?);
 //!     let node = Node::start(config).await?;
@@ -65,6 +65,7 @@ mod node;
 mod peer;
 pub mod tls;
 
+pub use concord_sync_protocol::{Access, Level};
 pub use node::{
     Node, NodeConfig, NodeError, PeerConfig, PeerStatus, STORE_FILE, Status, store_path,
 };

@@ -202,7 +202,7 @@ fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
         .iter()
         .map(|f| config::parse_peer_flag(f))
         .collect::<Result<Vec<_>, _>>()?;
-    extra.extend(trust.into_iter().map(|id| PeerConfig { id, addr: None }));
+    extra.extend(trust.into_iter().map(|id| PeerConfig::new(id, None)));
     config::merge_peers(&mut peers, extra);
     let mut node_config = NodeConfig::new(data_dir, config::resolve(&listen)?);
     node_config.peers = peers;

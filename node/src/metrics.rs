@@ -38,6 +38,7 @@ pub(crate) struct Metrics {
     changes_sent: Family<PeerLabel, Counter>,
     docs_announced: Family<PeerLabel, Counter>,
     doc_failures: Family<PeerLabel, Counter>,
+    writes_refused: Family<PeerLabel, Counter>,
     commit_seconds: Histogram,
 }
 
@@ -52,6 +53,7 @@ impl Default for Metrics {
             changes_sent: Family::default(),
             docs_announced: Family::default(),
             doc_failures: Family::default(),
+            writes_refused: Family::default(),
             commit_seconds: Histogram::new(buckets),
         }
     }
@@ -92,6 +94,11 @@ impl Metrics {
         self.docs_announced
             .get_or_create(&label(peer))
             .inc_by(count);
+    }
+
+    /// A write from `peer` refused for lack of write access.
+    pub(crate) fn write_refused(&self, peer: &NodeId) {
+        self.writes_refused.get_or_create(&label(peer)).inc();
     }
 
     /// A document sync with `peer` that failed (either side's verdict).
@@ -179,6 +186,11 @@ impl Metrics {
             "peer_doc_sync_failures",
             "Document syncs with the peer that failed",
             self.doc_failures.clone(),
+        );
+        registry.register(
+            "peer_writes_refused",
+            "Writes from the peer refused because its access does not let it write the space",
+            self.writes_refused.clone(),
         );
         registry.register(
             "commits",

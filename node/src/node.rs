@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use concord_core::{CommitHook, NodeId, Replica};
-use concord_sync_protocol::Event;
+use concord_sync_protocol::{Access, Event};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -36,6 +36,28 @@ pub struct PeerConfig {
     pub id: NodeId,
     /// Where to dial it; `None` to only accept it.
     pub addr: Option<SocketAddr>,
+    /// What it may read and write, per space (default read-write on
+    /// everything).
+    pub access: Access,
+}
+
+impl PeerConfig {
+    /// A peer with read-write access to everything; dialled at `addr` if
+    /// given, else only accepted.
+    pub fn new(id: NodeId, addr: Option<SocketAddr>) -> Self {
+        Self {
+            id,
+            addr,
+            access: Access::full(),
+        }
+    }
+
+    /// The same peer with `access` instead.
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
 }
 
 /// How a node runs.
@@ -143,6 +165,9 @@ pub struct Status {
 #[derive(Debug, Default)]
 struct PeerEntry {
     addr: Option<SocketAddr>,
+    /// What the peer may read and write (none unless configured); each new
+    /// session takes it as it is then.
+    access: Option<Access>,
     /// The live connection, and whether it was dialled by the smaller id.
     connection: Option<(quinn::Connection, bool)>,
     /// Whether the session on it completed its handshake (the peer
@@ -174,9 +199,15 @@ impl Inner {
         self.peers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn context(self: &Arc<Self>) -> Context {
+    fn context(self: &Arc<Self>, peer: NodeId) -> Context {
         let inner = Arc::clone(self);
+        let access = self
+            .peers()
+            .get(&peer)
+            .and_then(|p| p.access.clone())
+            .unwrap_or_else(Access::none);
         Context {
+            access,
             replica: self.replica.clone(),
             local: self.identity.node_id(),
             started: self.started,
@@ -201,6 +232,10 @@ impl Inner {
             Event::DocFailed { doc, code, reason } => {
                 self.metrics.doc_failure(&peer);
                 warn!(%peer, %doc, ?code, %reason, "document sync failed");
+            }
+            Event::WriteRefused { doc, space } => {
+                self.metrics.write_refused(&peer);
+                warn!(%peer, %doc, %space, "refused a write: the peer may not write this space");
             }
             Event::PeerDocError { doc, code, reason } => {
                 self.metrics.doc_failure(&peer);
@@ -347,7 +382,7 @@ impl Inner {
         };
         match streams {
             Ok((send, recv)) => {
-                run_session(self.context(), peer, send, recv).await;
+                run_session(self.context(peer), peer, send, recv).await;
             }
             Err(e) => debug!(%peer, error = %e, "no stream"),
         }
@@ -422,6 +457,7 @@ impl Node {
                     p.id,
                     PeerEntry {
                         addr: p.addr,
+                        access: Some(p.access.clone()),
                         ..PeerEntry::default()
                     },
                 )
@@ -492,6 +528,28 @@ impl Node {
     /// or back on (dialling configured peers at once).
     pub fn set_online(&self, online: bool) {
         self.inner.set_online(online);
+    }
+
+    /// Changes what a configured peer may read and write. Sessions take a
+    /// peer's access when they start, so this takes effect on its next
+    /// connection (go offline and online to apply it at once). A revoked
+    /// peer keeps what it already received. Returns false, changing nothing,
+    /// for a peer the node was not configured with (the set of trusted
+    /// peers is fixed when the node starts).
+    pub fn set_peer_access(&self, peer: &NodeId, access: Access) -> bool {
+        match self.inner.peers().get_mut(peer) {
+            Some(entry) if entry.access.is_some() => {
+                entry.access = Some(access);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The node's metrics in the OpenMetrics text format, as `GET /metrics`
+    /// serves them.
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.render(&self.inner.status())
     }
 
     /// Whether a session is running with `peer`.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concord_core::{NodeId, Replica};
-use concord_sync_protocol::{ErrorCode, Event, Session, SessionConfig};
+use concord_sync_protocol::{Access, ErrorCode, Event, Session, SessionConfig};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -43,6 +43,8 @@ pub(crate) struct Context {
     /// Called with each session event.
     pub(crate) on_event: EventSink,
     pub(crate) metrics: Metrics,
+    /// What the peer may read and write, for this session.
+    pub(crate) access: Access,
 }
 
 /// What woke the session task.
@@ -65,10 +67,9 @@ pub(crate) async fn run_session(
 ) -> Outcome {
     let now = |started: Instant| started.elapsed();
     let replica = context.replica.clone();
-    let mut session = Session::new(
-        SessionConfig::new(context.local, peer),
-        now(context.started),
-    );
+    let mut config = SessionConfig::new(context.local, peer);
+    config.access = context.access.clone();
+    let mut session = Session::new(config, now(context.started));
     // Frames pulled from the session, concatenated, and how much of them is
     // written: frames produced together leave in one write (an announcement
     // and the push that follows it reach the peer together).

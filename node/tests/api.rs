@@ -572,10 +572,10 @@ async fn metrics_count_what_peers_exchange() {
     for i in 0..2 {
         let mut config = NodeConfig::new(dirs[i].path(), addrs[i]);
         config.api = Some("127.0.0.1:0".parse().expect("addr"));
-        config.peers = vec![concord_node::PeerConfig {
-            id: ids[1 - i],
-            addr: (i == 1).then_some(addrs[0]),
-        }];
+        config.peers = vec![concord_node::PeerConfig::new(
+            ids[1 - i],
+            (i == 1).then_some(addrs[0]),
+        )];
         nodes.push(Node::start(config).await.expect("start"));
     }
     let (a, b) = (Api::new(&nodes[0], None), Api::new(&nodes[1], None));

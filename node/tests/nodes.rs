@@ -35,10 +35,7 @@ impl Spec {
     }
 
     fn peer(&self, dial: bool) -> PeerConfig {
-        PeerConfig {
-            id: self.identity.node_id(),
-            addr: dial.then(|| self.addr()),
-        }
+        PeerConfig::new(self.identity.node_id(), dial.then(|| self.addr()))
     }
 
     async fn start(self, peers: Vec<PeerConfig>) -> (Node, tempfile::TempDir) {
@@ -165,4 +162,73 @@ async fn what_a_store_held_before_starting_reaches_the_peer() {
     .await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+fn create_in(replica: &Replica, space: &str, value: i64) -> DocId {
+    let mut tx = replica.begin().expect("begin");
+    let (id, ()) = tx
+        .create(space, |d| d.put(ROOT, "v", value).map(|_| ()))
+        .expect("create");
+    tx.commit().expect("commit");
+    id
+}
+
+/// The number on the metrics line that starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_peer_is_a_hot_standby_of_its_spaces_only() {
+    use concord_node::{Access, Level};
+
+    let (a, b) = (spec(), spec());
+    let read_public = Access::none().grant("public", Level::Read);
+    let (a_peer, b_peer) = (a.peer(false), b.peer(true).with_access(read_public));
+    let (a, _a_dir) = a.start(vec![b_peer]).await;
+    let private = create_in(a.replica(), "private", 1);
+    let public = create_in(a.replica(), "public", 2);
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    eventually("b has the public document", || {
+        value(b.replica(), public)["v"] == 2
+    })
+    .await;
+    // The feed is announced in order, so once the later public document
+    // is there, the private one would have been too.
+    assert_eq!(value(b.replica(), private), serde_json::Value::Null);
+    assert_eq!(b.status().documents, 1);
+
+    // B writes: refused by A, counted, never stored; B still gets A's
+    // later changes.
+    write(b.replica(), Some(public), "v", 100);
+    let b_id = b.node_id().to_string();
+    let refused = format!("concord_peer_writes_refused_total{{peer=\"{b_id}\"}}");
+    eventually("a counts the refused write", || {
+        metric(&a.metrics_text(), &refused) >= Some(1.0)
+    })
+    .await;
+    assert_eq!(value(a.replica(), public)["v"], 2);
+    write(a.replica(), Some(public), "w", 3);
+    eventually("b receives a's change after its refused write", || {
+        value(b.replica(), public)["w"] == 3
+    })
+    .await;
+    assert_eq!(value(a.replica(), public)["v"], 2, "b's write reached a");
+
+    // Revoked, on the next connection: B keeps what it had and gets nothing
+    // new.
+    assert!(a.set_peer_access(&b.node_id(), Access::none()));
+    a.set_online(false);
+    eventually("a sees b gone", || !a.is_connected(&b.node_id())).await;
+    a.set_online(true);
+    eventually("b reconnected", || a.is_connected(&b.node_id())).await;
+    write(a.replica(), Some(public), "w", 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(value(b.replica(), public)["w"], 3);
+    assert!(!a.set_peer_access(&concord_core::NodeId::from_bytes([9; 32]), Access::full()));
+    b.shutdown().await;
+    a.shutdown().await;
 }

@@ -47,6 +47,7 @@
 #![deny(missing_docs, unreachable_pub, rustdoc::broken_intra_doc_links)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod access;
 mod error;
 pub mod frame;
 pub mod handshake;
@@ -54,6 +55,7 @@ pub mod message;
 mod session;
 pub mod sync_message;
 
+pub use access::{Access, Level};
 pub use error::{ErrorCode, FrameError};
 pub use message::Message;
 #[cfg(feature = "planted-bugs")]

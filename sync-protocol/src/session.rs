@@ -43,6 +43,7 @@ use concord_core::{
 };
 use serde_bytes::{ByteArray, ByteBuf};
 
+use crate::access::Access;
 use crate::error::{ErrorCode, FrameError};
 use crate::frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame};
 use crate::handshake::{self, Agreement, SUPPORTED_VERSIONS};
@@ -109,6 +110,12 @@ pub struct SessionConfig {
     /// Keep automerge sync states per document across sessions, so a
     /// reconnect resends less. Default true.
     pub persist_sync_states: bool,
+    /// What the peer may read and write, per space. Default read-write on
+    /// everything. A document in a space the peer may not read is never
+    /// named to it (not announced, not relayed, answered as if absent); its
+    /// changes to a space it may not write are refused with `Refused` and
+    /// never stored.
+    pub access: Access,
     /// A planted bug (tests of the simulator only).
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
@@ -129,6 +136,7 @@ impl SessionConfig {
             outbox_limit: 1 << 20,
             save_interval: Duration::from_secs(1),
             persist_sync_states: true,
+            access: Access::full(),
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }
@@ -161,6 +169,14 @@ pub enum Event {
         code: ErrorCode,
         /// Details.
         reason: String,
+    },
+    /// The peer tried to write a document in a space it may not write: its
+    /// changes (or its announcement) were refused, and it was told why.
+    WriteRefused {
+        /// The document.
+        doc: DocId,
+        /// The space the peer may not write.
+        space: String,
     },
     /// The peer stopped syncing a document with us.
     PeerDocError {
@@ -205,6 +221,9 @@ pub struct SessionStats {
     pub changes_received: u64,
     /// Changes sent in sync messages (each counted once per exchange).
     pub changes_sent: u64,
+    /// Writes refused for lack of write access (announcements and sync
+    /// messages with changes).
+    pub writes_refused: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -686,6 +705,11 @@ impl Session {
                 self.receiving.to_grant += 1;
                 continue;
             }
+            if !self.config.access.can_write(&space) {
+                self.refuse_write(doc, space);
+                self.receiving.to_grant += 1;
+                continue;
+            }
             match self.have_announced(store, doc, &space, &heads)? {
                 Have::Yes => {
                     self.receiving.to_grant += 1;
@@ -757,10 +781,17 @@ impl Session {
             return Ok(Have::No);
         };
         if summary.space != space {
-            return Ok(Have::Refused(format!(
-                "document {doc} is in space {:?} here, not {space:?}",
-                summary.space
-            )));
+            // Name the space only to a peer that may read it.
+            return Ok(Have::Refused(
+                if self.config.access.can_read(&summary.space) {
+                    format!(
+                        "document {doc} is in space {:?} here, not {space:?}",
+                        summary.space
+                    )
+                } else {
+                    format!("document {doc} cannot be written here")
+                },
+            ));
         }
         if &summary.heads == heads {
             return Ok(Have::Yes);
@@ -787,6 +818,17 @@ impl Session {
         }));
         self.events
             .push_back(Event::DocFailed { doc, code, reason });
+    }
+
+    /// Refuses a write to `doc` in `space`, which the peer may not write.
+    fn refuse_write(&mut self, doc: DocId, space: String) {
+        self.stats.writes_refused += 1;
+        self.refuse_doc(
+            doc,
+            ErrorCode::Refused,
+            format!("this peer may not write space {space:?}"),
+        );
+        self.events.push_back(Event::WriteRefused { doc, space });
     }
 
     /// The document is stored in at least its announced state.
@@ -890,8 +932,13 @@ impl Session {
                     continue;
                 }
             };
-            let working = working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?;
-            let am = &working;
+            let working = match &ours {
+                // The peer may write the space but not read it: speak as
+                // if we held nothing, so it learns nothing it did not send.
+                Some(d) if !self.config.access.can_read(d.space()) => Automerge::new(),
+                _ => working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?,
+            };
+            let am = ours.as_ref().map_or(&working, |d| d.automerge());
             if self
                 .receiving
                 .wanted
@@ -904,6 +951,7 @@ impl Session {
                 self.resolve(doc);
                 continue;
             }
+            let am = &working;
             let mut message = generate(am, &mut state, &mut self.stats.changes_sent);
             if message.is_none() {
                 // automerge believes the peer has nothing for us: start over
@@ -1009,8 +1057,8 @@ impl Session {
             return Ok(());
         }
         let ours = match store.document(doc) {
-            Ok(Some(d)) => d,
-            Ok(None) => return Ok(()),
+            Ok(Some(d)) if self.config.access.can_read(d.space()) => d,
+            Ok(_) => return Ok(()),
             Err(DocError::Storage(e)) => return Err(e.into()),
             Err(_) => return Ok(()),
         };
@@ -1050,7 +1098,7 @@ impl Session {
 
     fn handle_sync<S: SyncStore>(&mut self, store: &S, s: SyncData) -> Result<(), Fatal> {
         let doc = DocId::from_bytes(s.doc.into_array());
-        let message = match sync_message::decode(&s.data) {
+        let mut message = match sync_message::decode(&s.data) {
             Ok(m) => m,
             Err(e) => {
                 self.end_exchange(doc, false);
@@ -1058,8 +1106,14 @@ impl Session {
                 return Ok(());
             }
         };
-        // Our document, and the space it is (or will be) in.
-        let (ours, space) = match store.document(doc) {
+        // Our document, and the space it is (or will be) in. One in a space
+        // the peer may neither read nor write is, to the peer, not here.
+        let access = &self.config.access;
+        let stored = match store.document(doc) {
+            Ok(d) => Ok(d.filter(|d| access.can_read(d.space()) || access.can_write(d.space()))),
+            Err(e) => Err(e),
+        };
+        let (ours, space) = match stored {
             Ok(Some(d)) => {
                 let space = d.space().to_string();
                 (Some(d), space)
@@ -1136,7 +1190,15 @@ impl Session {
         // Let go of the stored copy: the store then takes its cached
         // document to apply the changes to without copying it.
         drop(ours);
-        if !new_changes.is_empty() {
+        let readable = valid_space(&space) && self.config.access.can_read(&space);
+        let mut refused_write = false;
+        if !new_changes.is_empty() && valid_space(&space) && !self.config.access.can_write(&space) {
+            // A peer that may read but not write: store nothing of it, but
+            // answer the rest of its message (it still receives our
+            // changes), then refuse.
+            refused_write = true;
+            message.changes = Vec::<Vec<u8>>::new().into();
+        } else if !new_changes.is_empty() {
             if !valid_space(&space) {
                 self.end_exchange(doc, false);
                 self.refuse_doc(
@@ -1181,7 +1243,13 @@ impl Session {
                 return Ok(());
             }
         };
-        let mut working = working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?;
+        let mut working = if readable {
+            working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?
+        } else {
+            // Write-only, or unknown: speak as if we held nothing, so the
+            // peer learns nothing it did not send.
+            Automerge::new()
+        };
         drop(stored);
         let received = catch_unwind(AssertUnwindSafe(|| {
             let mut next = state.clone();
@@ -1206,6 +1274,20 @@ impl Session {
                 return Ok(());
             }
         };
+        if refused_write {
+            // Answer only with changes the peer lacks: asking it again for
+            // the changes just refused would go round for ever.
+            let mut sent = 0;
+            if let Some(Ok(bytes)) = generate(&working, &mut next, &mut sent)
+                && AmMessage::decode(&bytes).is_ok_and(|m| !m.changes.is_empty())
+            {
+                self.stats.changes_sent += sent;
+                self.send_sync(doc, bytes);
+            }
+            self.end_exchange(doc, false);
+            self.refuse_write(doc, space);
+            return Ok(());
+        }
         // Is the announced state here now?
         if let Some(want) = self.receiving.wanted.get(&doc)
             && contains_all(&working, want.heads.as_slice())
@@ -1255,6 +1337,14 @@ impl Session {
             Err(e @ (ApplyError::InvalidData { .. } | ApplyError::Refused { .. })) => Err(
                 Stored::Refused(ErrorCode::InvalidSyncMessage, e.to_string()),
             ),
+            Err(ApplyError::SpaceMismatch { id, existing, .. })
+                if !self.config.access.can_read(&existing) =>
+            {
+                Err(Stored::Refused(
+                    ErrorCode::Refused,
+                    format!("document {id} cannot be written here"),
+                ))
+            }
             Err(e @ ApplyError::TooManyPending { .. }) => {
                 Err(Stored::Refused(ErrorCode::LimitExceeded, e.to_string()))
             }
@@ -1302,7 +1392,7 @@ impl Session {
             let mut sent_docs = 0u64;
             let entries = page.entries;
             for entry in &entries {
-                if entry.known_to == Some(peer) {
+                if entry.known_to == Some(peer) || !self.config.access.can_read(&entry.space) {
                     continue;
                 }
                 #[cfg(feature = "planted-bugs")]
@@ -1335,7 +1425,7 @@ impl Session {
             }
             // Push the changes of documents the peer synced recently.
             for entry in &entries {
-                if entry.known_to != Some(peer) {
+                if entry.known_to != Some(peer) && self.config.access.can_read(&entry.space) {
                     self.push(store, entry.id)?;
                 }
             }
