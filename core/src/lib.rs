@@ -97,6 +97,7 @@ mod error;
 mod feed;
 mod heads;
 mod id;
+pub mod inflate;
 pub mod json;
 pub mod ops;
 mod peer;

@@ -12,6 +12,7 @@ use crate::commit::{Committer, RemoteWrite, Request};
 use crate::contain;
 use crate::error::{ApplyError, CommitError, OpenError, StorageError};
 use crate::feed::{CommitEvent, CommitHook, Origin, Subscribers, Subscription};
+use crate::inflate::{self, MAX_INFLATED_BYTES};
 use crate::snapshot::Snapshot;
 use crate::store::{self, StoreConfig};
 use crate::transaction::{Receipt, Transaction};
@@ -298,6 +299,9 @@ impl Replica {
     ///   space must match.
     /// - Bytes are parsed change by change, all or nothing, and any automerge
     ///   panic is contained: bad data is an error and changes nothing.
+    /// - Compressed parts may inflate to [`inflate::MAX_INFLATED_BYTES`] per
+    ///   incoming document at most; more is refused before automerge
+    ///   inflates anything (a decompression bomb costs no memory).
     ///
     /// Returns the commit's feed sequence number and the changed documents
     /// (`seq: None` when nothing changed).
@@ -311,9 +315,18 @@ impl Replica {
             let invalid = |reason: String| ApplyError::InvalidData { id, reason };
             let changes = match data {
                 IncomingData::Changes(raw) => {
+                    // What the changes inflate to, in all, before automerge
+                    // inflates any of them.
+                    let mut inflated = 0u64;
+                    for bytes in &raw {
+                        inflated += inflate::check(bytes, MAX_INFLATED_BYTES - inflated)
+                            .map_err(|e| invalid(e.to_string()))?;
+                    }
                     contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(invalid)?
                 }
                 IncomingData::Document(bytes) => {
+                    inflate::check(&bytes, MAX_INFLATED_BYTES)
+                        .map_err(|e| invalid(e.to_string()))?;
                     let doc = contain::load(&bytes).map_err(invalid)?;
                     contain::contained(|| doc.get_changes(&[])).map_err(invalid)?
                 }

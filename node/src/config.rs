@@ -9,6 +9,7 @@ use concord_core::NodeId;
 use concord_sync_protocol::{Access, Level};
 use serde::Deserialize;
 
+use crate::limits::Limits;
 use crate::node::PeerConfig;
 
 /// The default QUIC address.
@@ -17,7 +18,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
 pub const DEFAULT_API: &str = "127.0.0.1:7401";
 
 /// The file's contents.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// The QUIC address.
@@ -29,6 +30,9 @@ pub struct ConfigFile {
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerEntry>,
+    /// `[limits]`: what one peer connection may cost (defaults when absent).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// One `[[peer]]`.
@@ -183,6 +187,10 @@ id = "{id}"
         let peers = file_peers(&file).expect("resolves");
         assert_eq!(peers[0].addr, Some("127.0.0.1:7402".parse().expect("addr")));
         assert!(toml::from_str::<ConfigFile>("lisen = \"x\"").is_err());
+        let limited: ConfigFile =
+            toml::from_str("[limits]\nmax_incoming_connections = 8\n").expect("limits");
+        assert_eq!(limited.limits.max_incoming_connections, 8);
+        assert_eq!(file.limits, Limits::default());
     }
 
     #[test]

@@ -60,12 +60,14 @@
 pub mod api;
 pub mod config;
 pub mod identity;
+pub mod limits;
 mod metrics;
 mod node;
 mod peer;
 pub mod tls;
 
 pub use concord_sync_protocol::{Access, Level};
+pub use limits::Limits;
 pub use node::{
     Node, NodeConfig, NodeError, PeerConfig, PeerStatus, STORE_FILE, Status, store_path,
 };

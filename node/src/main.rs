@@ -212,6 +212,7 @@ fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
         .unwrap_or_else(|| config::DEFAULT_API.to_string());
     node_config.api = Some(config::resolve(&api)?);
     node_config.api_token = file.api_token.clone();
+    node_config.limits = file.limits.clone();
     runtime()?.block_on(async {
         let node = Node::start(node_config).await?;
         write_run_file(data_dir, &node)?;

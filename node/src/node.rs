@@ -7,9 +7,10 @@
 //! on each. Going offline closes every connection and stops dialling; local
 //! reads and writes go on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,6 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::api;
 use crate::identity::{Identity, IdentityError};
+use crate::limits::{LimitError, Limits};
 use crate::metrics::Metrics;
 use crate::peer::{Backoff, Context, run_session};
 use crate::tls::{self, Trust};
@@ -77,6 +79,9 @@ pub struct NodeConfig {
     /// The bearer token the API requires; mandatory when `api` is not a
     /// loopback address.
     pub api_token: Option<String>,
+    /// What one peer connection may cost (frames, buffers, QUIC windows,
+    /// connections, timeouts).
+    pub limits: Limits,
 }
 
 impl NodeConfig {
@@ -89,6 +94,7 @@ impl NodeConfig {
             offline: false,
             api: None,
             api_token: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -106,6 +112,9 @@ pub enum NodeError {
     /// TLS configuration.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A limit out of its range.
+    #[error(transparent)]
+    Limits(#[from] LimitError),
     /// The API would be reachable from other machines without a token.
     #[error(
         "the HTTP API address {0} is not a loopback address: set api_token to require a bearer token"
@@ -177,6 +186,9 @@ struct PeerEntry {
     bytes_sent: u64,
     bytes_received: u64,
     last_sync: Option<u64>,
+    /// When its recent connections began (the last 10 s), to refuse a peer
+    /// that reconnects in a tight loop.
+    recent_connects: VecDeque<Instant>,
 }
 
 pub(crate) struct Inner {
@@ -192,6 +204,10 @@ pub(crate) struct Inner {
     online: watch::Sender<bool>,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) metrics: Metrics,
+    limits: Limits,
+    transport: Arc<quinn::TransportConfig>,
+    /// Inbound connections handshaking or open.
+    incoming: AtomicUsize,
 }
 
 impl Inner {
@@ -208,6 +224,7 @@ impl Inner {
             .unwrap_or_else(Access::none);
         Context {
             access,
+            limits: self.limits.clone(),
             replica: self.replica.clone(),
             local: self.identity.node_id(),
             started: self.started,
@@ -266,6 +283,23 @@ impl Inner {
         let by_smaller = if dialled_by_us { us < peer } else { peer < us };
         let mut peers = self.peers();
         let entry = peers.entry(peer).or_default();
+        let now = Instant::now();
+        while entry
+            .recent_connects
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > CONNECT_WINDOW)
+        {
+            entry.recent_connects.pop_front();
+        }
+        if !dialled_by_us && entry.recent_connects.len() >= self.limits.max_connects_per_peer {
+            warn!(%peer, "refused a connection: the peer reconnects too often");
+            connection.close(
+                CLOSE_LIMIT.into(),
+                b"reconnecting too often: wait before connecting again",
+            );
+            return false;
+        }
+        entry.recent_connects.push_back(now);
         if let Some((existing, existing_by_smaller)) = &entry.connection
             && existing.close_reason().is_none()
         {
@@ -380,13 +414,21 @@ impl Inner {
         } else {
             connection.accept_bi().await
         };
-        match streams {
+        let reason = match streams {
             Ok((send, recv)) => {
-                run_session(self.context(peer), peer, send, recv).await;
+                run_session(self.context(peer), peer, send, recv)
+                    .await
+                    .reason
             }
-            Err(e) => debug!(%peer, error = %e, "no stream"),
+            Err(e) => {
+                debug!(%peer, error = %e, "no stream");
+                None
+            }
+        };
+        match reason {
+            Some(reason) => connection.close(CLOSE_LIMIT.into(), reason.as_bytes()),
+            None => connection.close(0u32.into(), b"session over"),
         }
-        connection.close(0u32.into(), b"session over");
         self.unregister(peer, &connection);
     }
 }
@@ -437,8 +479,11 @@ impl Node {
             }
             None => None,
         };
+        config.limits.validate()?;
+        let transport = config.limits.transport();
         let trust = Arc::new(Trust::new(config.peers.iter().map(|p| p.id)));
-        let server = tls::server_config(&identity, trust)?;
+        let mut server = tls::server_config(&identity, trust, Arc::clone(&transport))?;
+        server.max_incoming(config.limits.max_incoming_connections);
         let endpoint =
             quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen {
                 addr: config.listen,
@@ -474,6 +519,9 @@ impl Node {
             online: online_tx,
             shutdown,
             metrics: Metrics::default(),
+            limits: config.limits.clone(),
+            transport,
+            incoming: AtomicUsize::new(0),
         });
         let commit_hook = feed_hook(&inner);
         let mut tasks = JoinSet::new();
@@ -584,6 +632,21 @@ impl Node {
     }
 }
 
+/// The QUIC close code of a connection ended for breaking a limit (its
+/// reason says which).
+const CLOSE_LIMIT: u32 = 3;
+/// The window of [`Limits::max_connects_per_peer`].
+const CONNECT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Holds one of [`Limits::max_incoming_connections`] while alive.
+struct IncomingSlot(Arc<Inner>);
+
+impl Drop for IncomingSlot {
+    fn drop(&mut self) {
+        self.0.incoming.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Path of the store in a data directory.
 pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STORE_FILE)
@@ -614,15 +677,27 @@ async fn accept_loop(inner: Arc<Inner>) {
             incoming.refuse();
             continue;
         }
+        if inner.incoming.load(Ordering::Acquire) >= inner.limits.max_incoming_connections {
+            warn!(remote = %incoming.remote_address(), "refused a connection: too many inbound connections");
+            incoming.refuse();
+            continue;
+        }
         let inner = Arc::clone(&inner);
+        inner.incoming.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            let connection = match incoming.await {
-                Ok(connection) => connection,
-                Err(e) => {
-                    debug!(error = %e, "an incoming connection failed its handshake");
-                    return;
-                }
-            };
+            let _slot = IncomingSlot(Arc::clone(&inner));
+            let connection =
+                match tokio::time::timeout(inner.limits.handshake_timeout(), incoming).await {
+                    Ok(Ok(connection)) => connection,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "an incoming connection failed its handshake");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("an incoming connection did not finish its handshake in time");
+                        return;
+                    }
+                };
             let Some(peer) = tls::peer_of(&connection) else {
                 connection.close(2u32.into(), b"no peer identity");
                 return;
@@ -663,12 +738,16 @@ async fn dial_loop(inner: Arc<Inner>, peer: NodeId) {
         let addr = inner.peers().get(&peer).and_then(|e| e.addr);
         let Some(addr) = addr else { break };
         let attempt = async {
-            let config = tls::client_config(&inner.identity, peer).map_err(|e| e.to_string())?;
+            let config = tls::client_config(&inner.identity, peer, Arc::clone(&inner.transport))
+                .map_err(|e| e.to_string())?;
             let connecting = inner
                 .endpoint
                 .connect_with(config, addr, tls::SERVER_NAME)
                 .map_err(|e| e.to_string())?;
-            connecting.await.map_err(|e| e.to_string())
+            match tokio::time::timeout(inner.limits.handshake_timeout(), connecting).await {
+                Ok(connected) => connected.map_err(|e| e.to_string()),
+                Err(_) => Err("the handshake timed out".to_string()),
+            }
         };
         match attempt.await {
             Ok(connection) => {

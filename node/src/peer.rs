@@ -12,6 +12,7 @@ use concord_sync_protocol::{Access, ErrorCode, Event, Session, SessionConfig};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 
 /// Pull frames from the session while fewer bytes than this wait to be
@@ -21,10 +22,13 @@ const PENDING_BYTES: usize = 256 << 10;
 const READ_CHUNK: usize = 64 << 10;
 
 /// What a session run reports back to the node.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Outcome {
     /// Whether the peer ended it (or the connection dropped), rather than us.
     pub(crate) by_peer: bool,
+    /// Why we cut the connection without the session ending it (a peer that
+    /// never said `Hello`, or stopped reading): the QUIC close reason.
+    pub(crate) reason: Option<String>,
 }
 
 /// Where a session's events go.
@@ -45,6 +49,7 @@ pub(crate) struct Context {
     pub(crate) metrics: Metrics,
     /// What the peer may read and write, for this session.
     pub(crate) access: Access,
+    pub(crate) limits: Limits,
 }
 
 /// What woke the session task.
@@ -56,6 +61,8 @@ enum Wake {
     Read(Result<Option<usize>, quinn::ReadError>),
     Feed,
     Timer,
+    /// A handshake or stall deadline.
+    Guard,
 }
 
 /// Runs a session with `peer` on the stream until it ends.
@@ -69,7 +76,13 @@ pub(crate) async fn run_session(
     let replica = context.replica.clone();
     let mut config = SessionConfig::new(context.local, peer);
     config.access = context.access.clone();
+    context.limits.session(&mut config);
     let mut session = Session::new(config, now(context.started));
+    let began = Instant::now();
+    let hello_by = began + context.limits.handshake_timeout();
+    let stall = context.limits.stall_timeout();
+    // When the peer last took bytes from us (or we had none for it).
+    let mut progress = began;
     // Frames pulled from the session, concatenated, and how much of them is
     // written: frames produced together leave in one write (an announcement
     // and the push that follows it reach the peer together).
@@ -92,7 +105,11 @@ pub(crate) async fn run_session(
                     ErrorCode::Closing,
                     "the node is going offline or shutting down",
                 ),
-                Wake::Written(Ok(n)) => written += n,
+                Wake::Written(Ok(n)) => {
+                    written += n;
+                    progress = Instant::now();
+                }
+                Wake::Guard => {}
                 Wake::Written(Err(e)) => {
                     debug!(%peer, error = %e, "stream closed while writing");
                     session.handle_disconnect(&replica, at);
@@ -142,6 +159,49 @@ pub(crate) async fn run_session(
             let _ = send.finish();
             break;
         }
+        if written == out.len() {
+            progress = Instant::now();
+        }
+        // Guards against a peer that holds the connection without taking
+        // part: no `Hello` in time, or nothing read of what waits for it.
+        let cut = if session.version().is_none() && Instant::now() >= hello_by {
+            Some(format!(
+                "no Hello within {:.1} s",
+                context.limits.handshake_timeout_secs
+            ))
+        } else if written < out.len() && progress.elapsed() >= stall {
+            Some(format!(
+                "the peer read nothing of what waited for it for {:.1} s",
+                context.limits.stall_timeout_secs
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = cut {
+            warn!(%peer, %reason, "closing the connection");
+            tokio::task::block_in_place(|| {
+                session.close(&replica, ErrorCode::Timeout, &reason);
+            });
+            while let Some(event) = session.poll_event() {
+                (context.on_event)(peer, &event);
+            }
+            let _ = send.reset(ErrorCode::Timeout.as_u16().into());
+            outcome.reason = Some(reason);
+            break;
+        }
+        let guard_at = if session.version().is_none() {
+            Some(hello_by)
+        } else if written < out.len() {
+            Some(progress + stall)
+        } else {
+            None
+        };
+        let guard = async {
+            match guard_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let deadline = session.poll_timeout();
         let sleep = async {
             match deadline {
@@ -166,6 +226,7 @@ pub(crate) async fn run_session(
             r = recv.read(&mut buf), if reading => Wake::Read(r),
             _ = context.feed.changed() => Wake::Feed,
             () = sleep => Wake::Timer,
+            () = guard => Wake::Guard,
         };
     }
     let stats = session.stats();

@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use concord_core::NodeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -186,23 +185,13 @@ impl ClientCertVerifier for PinnedClients {
     }
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    // 30 s without a packet ends the connection.
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
-        transport.max_idle_timeout(Some(idle));
-    }
-    // One stream per session; a few spare.
-    transport.max_concurrent_bidi_streams(4u32.into());
-    transport.max_concurrent_uni_streams(0u32.into());
-    Arc::new(transport)
-}
-
 /// The QUIC server configuration: our identity, accepting trusted peers.
+/// `transport` sets streams, windows and timeouts
+/// ([`crate::Limits`]'s, or quinn's defaults).
 pub fn server_config(
     identity: &Identity,
     trust: Arc<Trust>,
+    transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedClients {
@@ -221,12 +210,16 @@ pub fn server_config(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport);
     Ok(config)
 }
 
 /// The QUIC client configuration for dialling exactly `peer`.
-pub fn client_config(identity: &Identity, peer: NodeId) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    identity: &Identity,
+    peer: NodeId,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedServer {
         expected: peer,
@@ -245,7 +238,7 @@ pub fn client_config(identity: &Identity, peer: NodeId) -> Result<quinn::ClientC
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport);
     Ok(config)
 }
 

@@ -14,7 +14,7 @@ const LOOPBACK: &str = "127.0.0.1:0";
 fn endpoint(identity: &Identity, trust: Arc<Trust>) -> quinn::Endpoint {
     let addr: SocketAddr = LOOPBACK.parse().expect("addr");
     quinn::Endpoint::server(
-        tls::server_config(identity, trust).expect("server config"),
+        tls::server_config(identity, trust, Default::default()).expect("server config"),
         addr,
     )
     .expect("endpoint")
@@ -71,21 +71,24 @@ async fn only_pinned_peers_get_through() {
     let bounded = |f| tokio::time::timeout(Duration::from_secs(10), f);
 
     // Trusted, and the right server: talks.
-    let good = tls::client_config(&client_id, server_id.node_id()).expect("config");
+    let good =
+        tls::client_config(&client_id, server_id.node_id(), Default::default()).expect("config");
     let answer = bounded(ask(&client, server_addr, good))
         .await
         .expect("in time");
     assert_eq!(answer.as_deref(), Ok(&b"hello"[..]));
 
     // An untrusted client: refused, and it reads nothing.
-    let bad = tls::client_config(&stranger, server_id.node_id()).expect("config");
+    let bad =
+        tls::client_config(&stranger, server_id.node_id(), Default::default()).expect("config");
     let answer = bounded(ask(&client, server_addr, bad))
         .await
         .expect("in time");
     assert!(answer.is_err(), "an untrusted client got {answer:?}");
 
     // The client expects another server: refused in the handshake.
-    let wrong = tls::client_config(&client_id, stranger.node_id()).expect("config");
+    let wrong =
+        tls::client_config(&client_id, stranger.node_id(), Default::default()).expect("config");
     let answer = bounded(ask(&client, server_addr, wrong))
         .await
         .expect("in time");

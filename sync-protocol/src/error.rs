@@ -46,6 +46,9 @@ pub enum ErrorCode {
     LimitExceeded = 8,
     /// The session was closed by the application (shutdown, going offline).
     Closing = 9,
+    /// The peer took too long: to say `Hello`, or to take what was queued
+    /// for it.
+    Timeout = 10,
     /// An automerge sync message that was malformed, hostile, or that
     /// automerge could not apply. The document is left as it was.
     InvalidSyncMessage = 100,
@@ -74,6 +77,7 @@ impl ErrorCode {
             7 => StorageFailure,
             8 => LimitExceeded,
             9 => Closing,
+            10 => Timeout,
             100 => InvalidSyncMessage,
             101 => UnknownDocument,
             102 => Refused,

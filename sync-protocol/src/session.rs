@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use concord_core::automerge::sync::{Message as AmMessage, State as SyncState, SyncDoc};
 use concord_core::automerge::{Automerge, Change, ChangeHash};
+use concord_core::inflate;
 use concord_core::{
     ApplyError, DocError, DocId, Heads, Incoming, IncomingData, NodeId, Origin, PeerProgress,
     StorageError, SyncStore, valid_space,
@@ -1487,6 +1488,13 @@ fn working_copy<S: SyncStore>(
 /// it itself; the store applies what it can and keeps the rest waiting.
 fn message_changes(message: &AmMessage) -> Result<Vec<Change>, String> {
     let mut out = Vec::new();
+    // What the message's compressed parts inflate to, in all, before
+    // automerge inflates any (a decompression bomb costs no memory).
+    let mut inflated = 0u64;
+    for raw in message.changes.iter() {
+        inflated += inflate::check(raw, inflate::MAX_INFLATED_BYTES - inflated)
+            .map_err(|e| e.to_string())?;
+    }
     for raw in message.changes.iter() {
         let chunks = sync_message::split_chunks(raw).map_err(|e| e.to_string())?;
         for (kind, chunk) in chunks {
