@@ -31,7 +31,7 @@
 //! we now have), and the checkpoint only moves past a range once every
 //! document in it is durably stored in at least the announced state.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
@@ -63,6 +63,10 @@ const MAX_UNSAVED_STATES: usize = 1024;
 /// last, so a local change to one of those documents is pushed to the peer
 /// with its announcement instead of waiting for the peer to ask.
 const MAX_IDLE_STATES: usize = 1024;
+
+/// Documents whose refused writes a session remembers, to report each once;
+/// past this, every refusal is reported.
+const MAX_REFUSED_TRACKED: usize = 4096;
 
 /// A bug to plant in a session, so that a test can show the simulator
 /// catches it. Only with the `planted-bugs` feature.
@@ -237,7 +241,10 @@ enum Phase {
 /// Our feed, as announced to the peer.
 #[derive(Debug)]
 struct Sending {
+    /// How far the feed has been read.
     cursor: u64,
+    /// How far the announced ranges reach (the next range's `from`).
+    announced_to: u64,
     credit: u64,
     caught_up: bool,
 }
@@ -300,6 +307,8 @@ pub struct Session {
     idle: HashMap<DocId, SyncState>,
     idle_order: VecDeque<DocId>,
     in_flight: usize,
+    /// Documents whose writes were refused in this session (reported once).
+    refused: HashSet<DocId>,
     unsaved_states: Vec<(DocId, Vec<u8>)>,
     checkpoint_dirty: bool,
     next_save: Option<Duration>,
@@ -353,6 +362,7 @@ impl Session {
             idle: HashMap::new(),
             idle_order: VecDeque::new(),
             in_flight: 0,
+            refused: HashSet::new(),
             unsaved_states: Vec::new(),
             checkpoint_dirty: false,
             next_save: None,
@@ -638,6 +648,7 @@ impl Session {
                 }
                 self.sending = Some(Sending {
                     cursor: s.since,
+                    announced_to: s.since,
                     credit: u64::from(s.credit),
                     caught_up: false,
                 });
@@ -706,17 +717,31 @@ impl Session {
                 self.receiving.to_grant += 1;
                 continue;
             }
-            if !self.config.access.can_write(&space) {
-                self.refuse_write(doc, space);
-                self.receiving.to_grant += 1;
-                continue;
-            }
             match self.have_announced(store, doc, &space, &heads)? {
                 Have::Yes => {
+                    // Nothing to write (a read-only peer announcing what it
+                    // got from us or elsewhere).
                     self.receiving.to_grant += 1;
                 }
-                Have::Refused(reason) => {
-                    self.refuse_doc(doc, ErrorCode::Refused, reason);
+                _ if !self.config.access.can_write(&space) => {
+                    let reason = format!("this peer may not write space {space:?}");
+                    self.refuse_write(doc, space, reason);
+                    self.receiving.to_grant += 1;
+                }
+                Have::Mismatch(stored) => {
+                    let access = &self.config.access;
+                    if access.can_read(&stored) && access.can_write(&stored) {
+                        self.refuse_doc(
+                            doc,
+                            ErrorCode::Refused,
+                            format!("document {doc} is in space {stored:?} here, not {space:?}"),
+                        );
+                    } else {
+                        // An attempt to reach a document outside its scope
+                        // through another space: name nothing.
+                        let reason = format!("document {doc} cannot be written here");
+                        self.refuse_write(doc, stored, reason);
+                    }
                     self.receiving.to_grant += 1;
                 }
                 Have::No => {
@@ -782,17 +807,7 @@ impl Session {
             return Ok(Have::No);
         };
         if summary.space != space {
-            // Name the space only to a peer that may read it.
-            return Ok(Have::Refused(
-                if self.config.access.can_read(&summary.space) {
-                    format!(
-                        "document {doc} is in space {:?} here, not {space:?}",
-                        summary.space
-                    )
-                } else {
-                    format!("document {doc} cannot be written here")
-                },
-            ));
+            return Ok(Have::Mismatch(summary.space));
         }
         if &summary.heads == heads {
             return Ok(Have::Yes);
@@ -811,25 +826,48 @@ impl Session {
         }
     }
 
-    fn refuse_doc(&mut self, doc: DocId, code: ErrorCode, reason: String) {
+    fn send_doc_error(&mut self, doc: DocId, code: ErrorCode, reason: String) {
         self.send(&Message::DocError(DocErrorMessage {
             doc: ByteArray::new(*doc.as_bytes()),
             code: code.as_u16(),
-            reason: reason.clone(),
+            reason,
         }));
+    }
+
+    fn refuse_doc(&mut self, doc: DocId, code: ErrorCode, reason: String) {
+        self.send_doc_error(doc, code, reason.clone());
         self.events
             .push_back(Event::DocFailed { doc, code, reason });
     }
 
-    /// Refuses a write to `doc` in `space`, which the peer may not write.
-    fn refuse_write(&mut self, doc: DocId, space: String) {
+    /// Refuses a write to `doc` in `space`, which the peer may not write,
+    /// telling it `reason`. Counted and reported once per document and
+    /// session (the peer may try again with every message).
+    fn refuse_write(&mut self, doc: DocId, space: String, reason: String) {
+        self.send_doc_error(doc, ErrorCode::Refused, reason);
+        if self.refused.len() < MAX_REFUSED_TRACKED && !self.refused.insert(doc) {
+            return;
+        }
         self.stats.writes_refused += 1;
-        self.refuse_doc(
-            doc,
-            ErrorCode::Refused,
-            format!("this peer may not write space {space:?}"),
-        );
         self.events.push_back(Event::WriteRefused { doc, space });
+    }
+
+    /// What to tell the peer of a damaged document: the details only if it
+    /// may read the document.
+    fn damage_report<S: SyncStore>(
+        &self,
+        store: &S,
+        doc: DocId,
+        error: &DocError,
+    ) -> Result<String, Fatal> {
+        let readable = store
+            .summary(doc)?
+            .is_some_and(|s| self.config.access.can_read(&s.space));
+        Ok(if readable {
+            error.to_string()
+        } else {
+            "the document is damaged here".into()
+        })
     }
 
     /// The document is stored in at least its announced state.
@@ -929,15 +967,28 @@ impl Session {
                 Err(DocError::Storage(e)) => return Err(e.into()),
                 Err(e) => {
                     self.stall(doc);
-                    self.refuse_doc(doc, ErrorCode::DocumentCorrupt, e.to_string());
+                    let reason = self.damage_report(store, doc, &e)?;
+                    self.refuse_doc(doc, ErrorCode::DocumentCorrupt, reason);
                     continue;
                 }
             };
-            let working = match &ours {
-                // The peer may write the space but not read it: speak as
-                // if we held nothing, so it learns nothing it did not send.
-                Some(d) if !self.config.access.can_read(d.space()) => Automerge::new(),
-                _ => working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?,
+            let readable = self
+                .receiving
+                .wanted
+                .get(&doc)
+                .is_some_and(|w| self.config.access.can_read(&w.space));
+            let working = if readable {
+                working_copy(store, doc, ours.as_ref().map(|d| d.automerge()))?
+            } else {
+                // The peer may write the space but not read it: speak from
+                // its own history only, so it learns nothing it did not send.
+                let heads = self
+                    .receiving
+                    .wanted
+                    .get(&doc)
+                    .map(|w| w.heads.as_slice().to_vec())
+                    .unwrap_or_default();
+                own_history(ours.as_ref().map(|d| d.automerge()), &heads)
             };
             let am = ours.as_ref().map_or(&working, |d| d.automerge());
             if self
@@ -1110,9 +1161,15 @@ impl Session {
         // Our document, and the space it is (or will be) in. One in a space
         // the peer may neither read nor write is, to the peer, not here.
         let access = &self.config.access;
+        let visible = |space: &str| access.can_read(space) || access.can_write(space);
         let stored = match store.document(doc) {
-            Ok(d) => Ok(d.filter(|d| access.can_read(d.space()) || access.can_write(d.space()))),
-            Err(e) => Err(e),
+            Ok(d) => Ok(d.filter(|d| visible(d.space()))),
+            Err(DocError::Storage(e)) => Err(DocError::Storage(e)),
+            // A damaged document out of the peer's reach is, to it, absent.
+            Err(e) => match store.summary(doc)? {
+                Some(summary) if !visible(&summary.space) => Ok(None),
+                _ => Err(e),
+            },
         };
         let (ours, space) = match stored {
             Ok(Some(d)) => {
@@ -1146,7 +1203,8 @@ impl Session {
             Err(DocError::Storage(e)) => return Err(e.into()),
             Err(e) => {
                 self.end_exchange(doc, false);
-                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, e.to_string());
+                let reason = self.damage_report(store, doc, &e)?;
+                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, reason);
                 return Ok(());
             }
         };
@@ -1215,12 +1273,18 @@ impl Session {
                 space: space.clone(),
                 data: IncomingData::Changes(new_changes),
             };
-            if let Err(fatal_or_refusal) = self.store_changes(store, incoming) {
+            if let Err(fatal_or_refusal) = self.store_changes(store, incoming, readable) {
                 match fatal_or_refusal {
                     Stored::Fatal(f) => return Err(f),
                     Stored::Refused(code, reason) => {
                         self.end_exchange(doc, false);
                         self.refuse_doc(doc, code, reason);
+                        return Ok(());
+                    }
+                    Stored::Escape(stored) => {
+                        self.end_exchange(doc, false);
+                        let reason = format!("document {doc} cannot be written here");
+                        self.refuse_write(doc, stored, reason);
                         return Ok(());
                     }
                 }
@@ -1240,15 +1304,19 @@ impl Session {
             Err(DocError::Storage(e)) => return Err(e.into()),
             Err(e) => {
                 self.end_exchange(doc, false);
-                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, e.to_string());
+                let reason = self.damage_report(store, doc, &e)?;
+                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, reason);
                 return Ok(());
             }
         };
         let mut working = if readable {
             working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?
+        } else if valid_space(&space) && self.config.access.can_write(&space) {
+            // Write-only: speak from the peer's own history (what it says
+            // it has), so it learns nothing it did not send.
+            own_history(stored.as_ref().map(|d| d.automerge()), &message.heads)
         } else {
-            // Write-only, or unknown: speak as if we held nothing, so the
-            // peer learns nothing it did not send.
+            // Unknown to the peer: as if we held nothing.
             Automerge::new()
         };
         drop(stored);
@@ -1286,7 +1354,8 @@ impl Session {
                 self.send_sync(doc, bytes);
             }
             self.end_exchange(doc, false);
-            self.refuse_write(doc, space);
+            let reason = format!("this peer may not write space {space:?}");
+            self.refuse_write(doc, space, reason);
             return Ok(());
         }
         // Is the announced state here now?
@@ -1322,7 +1391,12 @@ impl Session {
         Ok(())
     }
 
-    fn store_changes<S: SyncStore>(&mut self, store: &S, incoming: Incoming) -> Result<(), Stored> {
+    fn store_changes<S: SyncStore>(
+        &mut self,
+        store: &S,
+        incoming: Incoming,
+        readable: bool,
+    ) -> Result<(), Stored> {
         #[cfg(feature = "planted-bugs")]
         if self.config.planted_bug == Some(PlantedBug::AcknowledgeBeforePersisting) {
             // The bug: hold the changes in memory, write them later.
@@ -1338,17 +1412,24 @@ impl Session {
             Err(e @ (ApplyError::InvalidData { .. } | ApplyError::Refused { .. })) => Err(
                 Stored::Refused(ErrorCode::InvalidSyncMessage, e.to_string()),
             ),
-            Err(ApplyError::SpaceMismatch { id, existing, .. })
-                if !self.config.access.can_read(&existing) =>
+            Err(ApplyError::SpaceMismatch { existing, .. })
+                if !(self.config.access.can_read(&existing)
+                    && self.config.access.can_write(&existing)) =>
             {
-                Err(Stored::Refused(
-                    ErrorCode::Refused,
-                    format!("document {id} cannot be written here"),
-                ))
+                Err(Stored::Escape(existing))
             }
+            // Details of a document the peer may not read stay here.
+            Err(ApplyError::TooManyPending { .. }) if !readable => Err(Stored::Refused(
+                ErrorCode::LimitExceeded,
+                "too many changes wait for their dependencies".into(),
+            )),
             Err(e @ ApplyError::TooManyPending { .. }) => {
                 Err(Stored::Refused(ErrorCode::LimitExceeded, e.to_string()))
             }
+            Err(_) if !readable => Err(Stored::Refused(
+                ErrorCode::Refused,
+                "the changes were refused".into(),
+            )),
             Err(e) => Err(Stored::Refused(ErrorCode::Refused, e.to_string())),
         }
     }
@@ -1387,7 +1468,7 @@ impl Session {
             let drop_relays = self.config.planted_bug == Some(PlantedBug::DropRelayAnnouncements);
             // Split into frames; a frame that ends inside one commit's
             // entries claims the range only up to the commit before it.
-            let mut from = cursor;
+            let mut from = sending.announced_to.min(cursor);
             let mut chunk: Vec<Announcement> = Vec::new();
             let mut size = 0usize;
             let mut sent_docs = 0u64;
@@ -1416,13 +1497,18 @@ impl Session {
                 size += cost;
                 chunk.push(announcement);
             }
-            if page.up_to > from || !chunk.is_empty() {
+            // A range that names no document tells the peer how many
+            // commits passed; under restricted access those may be of
+            // documents it may not see, so such a range waits to be covered
+            // by the next one that names a document.
+            if !chunk.is_empty() || (page.up_to > from && self.config.access.is_full()) {
                 sent_docs += chunk.len() as u64;
                 self.send(&Message::Announce(Announce {
                     from,
                     to: page.up_to,
                     docs: chunk,
                 }));
+                from = page.up_to;
             }
             // Push the changes of documents the peer synced recently.
             for entry in &entries {
@@ -1433,6 +1519,7 @@ impl Session {
             self.stats.docs_announced += sent_docs;
             if let Some(sending) = &mut self.sending {
                 sending.cursor = page.up_to;
+                sending.announced_to = from;
                 sending.credit = sending.credit.saturating_sub(sent_docs);
                 if !full {
                     sending.caught_up = true;
@@ -1445,12 +1532,15 @@ impl Session {
 enum Have {
     Yes,
     No,
-    Refused(String),
+    /// Stored in this other space.
+    Mismatch(String),
 }
 
 enum Stored {
     Fatal(Fatal),
     Refused(ErrorCode, String),
+    /// The document is stored in this other space, out of the peer's scope.
+    Escape(String),
 }
 
 /// A copy of `doc` (or a new document) with the store's changes that wait
@@ -1480,6 +1570,26 @@ fn working_copy<S: SyncStore>(
         }
     }
     Ok(working)
+}
+
+/// `doc` as of those of `heads` it holds: what a peer that has `heads`
+/// knows of it already (an empty document if none, or on any failure).
+fn own_history(doc: Option<&Automerge>, heads: &[ChangeHash]) -> Automerge {
+    let Some(doc) = doc else {
+        return Automerge::new();
+    };
+    let known: Vec<ChangeHash> = heads
+        .iter()
+        .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+        .copied()
+        .collect();
+    if known.is_empty() {
+        return Automerge::new();
+    }
+    catch_unwind(AssertUnwindSafe(|| doc.fork_at(&known)))
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(Automerge::new)
 }
 
 /// Every change a sync message carries: its chunks are single changes, or

@@ -21,6 +21,8 @@ const NOW: Duration = Duration::ZERO;
 struct Run {
     /// Every byte A sent B.
     a_to_b: Vec<u8>,
+    /// How many bytes B sent A.
+    b_to_a: usize,
     /// A's events.
     a_events: Vec<Event>,
     /// A's count of refused writes.
@@ -44,6 +46,7 @@ fn run(a: &Replica, b: &Replica, access: &Access) -> Run {
             moved = true;
         }
         while let Some(frame) = at_b.poll_transmit(b) {
+            out.b_to_a += frame.len();
             at_a.handle_input(a, &frame, NOW);
             moved = true;
         }
@@ -143,6 +146,19 @@ fn a_peer_sees_only_its_read_scope_and_writes_only_its_write_scope() {
     assert_never_named(&first.a_to_b, &a, a_inbox);
     assert_eq!(first.writes_refused, 0);
 
+    // Commits to hidden documents do not show: not even as a range of the
+    // feed that names no document.
+    for v in 0..5 {
+        set(&a, private, 100 + v);
+    }
+    let quiet = run(&a, &b, &access);
+    assert!(
+        !messages(&quiet.a_to_b)
+            .iter()
+            .any(|m| matches!(m, Message::Announce(_))),
+        "hidden commits were announced"
+    );
+
     // The read-only peer writes to the public document: refused, never
     // stored, and it still receives A's later changes.
     set(&b, public, 10);
@@ -188,6 +204,27 @@ fn a_peer_sees_only_its_read_scope_and_writes_only_its_write_scope() {
         assert_never_named(bytes, &a, a_inbox);
     }
 
+    // A write-only peer's writes cost what they carry, not its history.
+    for v in 0..60 {
+        set(&b, b_inbox, 1000 + v);
+    }
+    run(&a, &b, &access);
+    assert_eq!(value(&a, b_inbox), Some(1059));
+    set(&b, b_inbox, 2000);
+    let one = run(&a, &b, &access);
+    assert_eq!(value(&a, b_inbox), Some(2000));
+    assert!(
+        one.a_to_b.len() + one.b_to_a < 2_000,
+        "one write cost {} + {} bytes",
+        one.a_to_b.len(),
+        one.b_to_a
+    );
+    assert_eq!(
+        value(&b, b_inbox),
+        Some(2000),
+        "B read A's write-only document"
+    );
+
     // Out of scope entirely: refused, not stored.
     let b_private = create(&b, "elsewhere", 40);
     let fifth = run(&a, &b, &access);
@@ -203,8 +240,9 @@ fn a_peer_sees_only_its_read_scope_and_writes_only_its_write_scope() {
     tx.commit().expect("commit");
     let before = hashes(&a, private);
     let sixth = run(&a, &b, &access);
+    assert!(refused(&sixth, private), "the attempt was not reported");
     assert_eq!(hashes(&a, private), before);
-    assert_eq!(value(&a, private), Some(2));
+    assert_eq!(value(&a, private), Some(104));
     assert!(
         !contains(&sixth.a_to_b, b"private"),
         "the real space was named"
@@ -242,4 +280,54 @@ fn relayed_documents_respect_the_next_peers_scope() {
     assert_eq!(value(&b, shared), Some(1));
     assert_eq!(value(&b, secret), None);
     assert_never_named(&relay.a_to_b, &a, secret);
+}
+
+#[test]
+fn a_write_only_peers_live_writes_cost_what_they_carry() {
+    let (a, b) = (
+        Replica::in_memory().expect("a"),
+        Replica::in_memory().expect("b"),
+    );
+    let mut config = SessionConfig::new(A, B);
+    config.access = Access::none().grant("inbox", Level::Write);
+    let mut at_a = Session::new(config, NOW);
+    let mut at_b = Session::new(SessionConfig::new(B, A), NOW);
+    // Carries frames until both sides are quiet; returns the bytes moved.
+    let pump = |at_a: &mut Session, at_b: &mut Session| {
+        let mut bytes = 0;
+        for _ in 0..1000 {
+            let mut moved = false;
+            while let Some(frame) = at_a.poll_transmit(&a) {
+                bytes += frame.len();
+                at_b.handle_input(&b, &frame, NOW);
+                moved = true;
+            }
+            while let Some(frame) = at_b.poll_transmit(&b) {
+                bytes += frame.len();
+                at_a.handle_input(&a, &frame, NOW);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        bytes
+    };
+    let inbox = create(&b, "inbox", 0);
+    at_b.handle_feed(&b, NOW);
+    pump(&mut at_a, &mut at_b);
+    let mut costs = Vec::new();
+    for v in 1..=200 {
+        set(&b, inbox, v);
+        at_b.handle_feed(&b, NOW);
+        costs.push(pump(&mut at_a, &mut at_b));
+        assert_eq!(value(&a, inbox), Some(v));
+    }
+    assert!(!at_a.is_closed() && !at_b.is_closed());
+    let early: usize = costs[..20].iter().sum::<usize>() / 20;
+    let late: usize = costs[180..].iter().sum::<usize>() / 20;
+    assert!(
+        late < early * 2 + 200,
+        "a write costs {late} bytes after 180 writes, {early} at first"
+    );
 }
