@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 /// Pull frames from the session while fewer bytes than this wait to be
 /// written (one frame may go past it; the session bounds its own queue).
 const PENDING_BYTES: usize = 256 << 10;
+/// How long an ended session waits for the peer to receive its last frames.
+const LINGER: Duration = Duration::from_secs(2);
 /// Bytes read from the stream at a time.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -156,7 +158,10 @@ pub(crate) async fn run_session(
             (context.on_event)(peer, &event);
         }
         if session.is_closed() && written == out.len() {
+            // Let the last frames (an Error saying why) reach the peer
+            // before the connection closes, for a short while at most.
             let _ = send.finish();
+            let _ = tokio::time::timeout(LINGER, send.stopped()).await;
             break;
         }
         if written == out.len() {
@@ -164,20 +169,13 @@ pub(crate) async fn run_session(
         }
         // Guards against a peer that holds the connection without taking
         // part: no `Hello` in time, or nothing read of what waits for it.
-        let cut = if session.version().is_none() && Instant::now() >= hello_by {
-            Some(format!(
-                "no Hello within {:.1} s",
-                context.limits.handshake_timeout_secs
-            ))
-        } else if written < out.len() && progress.elapsed() >= stall {
-            Some(format!(
+        let awaiting_hello = session.version().is_none() && !session.is_closed();
+        if written < out.len() && progress.elapsed() >= stall {
+            // It reads nothing: an Error frame would not reach it either.
+            let reason = format!(
                 "the peer read nothing of what waited for it for {:.1} s",
                 context.limits.stall_timeout_secs
-            ))
-        } else {
-            None
-        };
-        if let Some(reason) = cut {
+            );
             warn!(%peer, %reason, "closing the connection");
             tokio::task::block_in_place(|| {
                 session.close(&replica, ErrorCode::Timeout, &reason);
@@ -189,7 +187,21 @@ pub(crate) async fn run_session(
             outcome.reason = Some(reason);
             break;
         }
-        let guard_at = if session.version().is_none() {
+        if awaiting_hello && Instant::now() >= hello_by {
+            let reason = format!(
+                "no Hello within {:.1} s",
+                context.limits.handshake_timeout_secs
+            );
+            warn!(%peer, %reason, "closing the connection");
+            tokio::task::block_in_place(|| {
+                session.close(&replica, ErrorCode::Timeout, &reason);
+            });
+            outcome.reason = Some(reason);
+            // The Error frame goes out, then the session ends.
+            wake = Wake::Start;
+            continue;
+        }
+        let guard_at = if awaiting_hello {
             Some(hello_by)
         } else if written < out.len() {
             Some(progress + stall)
