@@ -26,6 +26,11 @@ pub struct PeerProgress {
     /// Encoded automerge sync states (`sync::State::encode`) to keep, per
     /// document.
     pub sync_states: Vec<(DocId, Vec<u8>)>,
+    /// The fingerprint of the access the peer had when both sides had gone
+    /// through their whole feeds under it: checkpoints made under another
+    /// access may have passed documents the peer may now read or write.
+    /// `None` leaves it as it is.
+    pub grant: Option<u64>,
 }
 
 impl Snapshot {
@@ -33,6 +38,18 @@ impl Snapshot {
     pub fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError> {
         let peers = self.read.open_table(store::PEERS)?;
         Ok(peers.get(*peer.as_bytes())?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// The access fingerprint recorded with `peer`'s checkpoints (see
+    /// [`PeerProgress::grant`]), if any.
+    pub fn peer_grant(&self, peer: &NodeId) -> Result<Option<u64>, StorageError> {
+        // Stores made before grants were recorded have no such table.
+        let grants = match self.read.open_table(store::PEER_GRANTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(grants.get(*peer.as_bytes())?.map(|v| v.value()))
     }
 
     /// Received changes of `doc` kept until their dependencies arrive, in
@@ -65,7 +82,10 @@ impl Replica {
         peer: &NodeId,
         progress: &PeerProgress,
     ) -> Result<(), StorageError> {
-        if progress.checkpoint.is_none() && progress.sync_states.is_empty() {
+        if progress.checkpoint.is_none()
+            && progress.sync_states.is_empty()
+            && progress.grant.is_none()
+        {
             return Ok(());
         }
         let mut tx = self.shared.db.begin_write()?;
@@ -75,6 +95,10 @@ impl Replica {
             if let Some(checkpoint) = progress.checkpoint {
                 let mut peers = tx.open_table(store::PEERS)?;
                 peers.insert(*peer.as_bytes(), checkpoint)?;
+            }
+            if let Some(grant) = progress.grant {
+                let mut grants = tx.open_table(store::PEER_GRANTS)?;
+                grants.insert(*peer.as_bytes(), grant)?;
             }
             let mut states = tx.open_table(store::SYNC_STATES)?;
             for (doc, state) in &progress.sync_states {

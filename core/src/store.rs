@@ -33,6 +33,10 @@ pub(crate) const PENDING: TableDefinition<'_, ([u8; 16], [u8; 32]), &[u8]> =
     TableDefinition::new("pending");
 pub(crate) const FEED: TableDefinition<'_, (u64, [u8; 16]), &[u8]> = TableDefinition::new("feed");
 pub(crate) const PEERS: TableDefinition<'_, [u8; 32], u64> = TableDefinition::new("peers");
+/// Per peer: the fingerprint of the access under which its checkpoints were
+/// last made complete (see `PeerProgress::grant`).
+pub(crate) const PEER_GRANTS: TableDefinition<'_, [u8; 32], u64> =
+    TableDefinition::new("peer_grants");
 pub(crate) const SYNC_STATES: TableDefinition<'_, ([u8; 32], [u8; 16]), &[u8]> =
     TableDefinition::new("sync_states");
 
@@ -309,6 +313,7 @@ fn initialise(db: &redb::Database) -> Result<(), StorageError> {
         tx.open_table(PENDING)?;
         tx.open_table(FEED)?;
         tx.open_table(PEERS)?;
+        tx.open_table(PEER_GRANTS)?;
         tx.open_table(SYNC_STATES)?;
     }
     tx.commit()?;

@@ -29,6 +29,9 @@ pub trait SyncStore {
     /// The checkpoint in `peer`'s change feed.
     fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError>;
 
+    /// The access fingerprint recorded with `peer`'s checkpoints.
+    fn peer_grant(&self, peer: &NodeId) -> Result<Option<u64>, StorageError>;
+
     /// The sync state kept for `peer` and `doc`.
     fn sync_state(&self, peer: &NodeId, doc: DocId) -> Result<Option<Vec<u8>>, StorageError>;
 
@@ -67,6 +70,10 @@ impl SyncStore for Replica {
 
     fn peer_checkpoint(&self, peer: &NodeId) -> Result<u64, StorageError> {
         self.read()?.peer_checkpoint(peer)
+    }
+
+    fn peer_grant(&self, peer: &NodeId) -> Result<Option<u64>, StorageError> {
+        self.read()?.peer_grant(peer)
     }
 
     fn sync_state(&self, peer: &NodeId, doc: DocId) -> Result<Option<Vec<u8>>, StorageError> {

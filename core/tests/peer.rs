@@ -109,6 +109,7 @@ fn peer_progress_is_kept_across_reopen() {
                 &PeerProgress {
                     checkpoint: Some(42),
                     sync_states: vec![(doc, vec![1, 2, 3])],
+                    grant: Some(7),
                 },
             )
             .expect("save");
@@ -118,6 +119,9 @@ fn peer_progress_is_kept_across_reopen() {
     let replica = Replica::open(&path).expect("reopen");
     assert_eq!(replica.peer_checkpoint(&peer).expect("checkpoint"), 42);
     assert_eq!(replica.peer_checkpoint(&other).expect("checkpoint"), 0);
+    let snapshot = replica.read().expect("read");
+    assert_eq!(snapshot.peer_grant(&peer).expect("grant"), Some(7));
+    assert_eq!(snapshot.peer_grant(&other).expect("grant"), None);
     assert_eq!(
         SyncStore::sync_state(&replica, &peer, doc).expect("state"),
         Some(vec![1, 2, 3])

@@ -158,6 +158,25 @@ impl Access {
             && self.spaces.values().all(|l| *l == Level::ReadWrite)
     }
 
+    /// A stable 64-bit fingerprint of the grants (FNV-1a over the entries),
+    /// to tell whether a peer's access changed between sessions.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for (space, level) in self.entries() {
+            eat(space.as_bytes());
+            eat(&[0]);
+            eat(level.as_str().as_bytes());
+            eat(&[0]);
+        }
+        hash
+    }
+
     /// The entries, `"*"` last: for showing a config.
     pub fn entries(&self) -> impl Iterator<Item = (&str, Level)> {
         self.spaces

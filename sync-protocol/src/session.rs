@@ -309,12 +309,33 @@ pub struct Session {
     in_flight: usize,
     /// Documents whose writes were refused in this session (reported once).
     refused: HashSet<DocId>,
+    /// Documents we wanted again after the peer refused our writes to them.
+    retried: HashSet<DocId>,
+    /// A pass over both feeds from the start, because the peer's access
+    /// changed since the checkpoints were made.
+    regrant: Option<Regrant>,
+    /// The access fingerprint to record with the next save.
+    grant_to_save: Option<u64>,
     unsaved_states: Vec<(DocId, Vec<u8>)>,
     checkpoint_dirty: bool,
     next_save: Option<Duration>,
     now: Duration,
     #[cfg(feature = "planted-bugs")]
     deferred: Vec<Incoming>,
+}
+
+/// A pass over both feeds from the start under a changed access: until each
+/// side has gone past where its checkpoint was, documents passed under the
+/// old access may be ones the peer may now read or write.
+#[derive(Debug)]
+struct Regrant {
+    fingerprint: u64,
+    /// Our checkpoint in the peer's feed before the pass.
+    receive_until: u64,
+    /// The peer's checkpoint in our feed, once it subscribed.
+    send_until: Option<u64>,
+    received: bool,
+    sent: bool,
 }
 
 /// Why a frame handler ended the session.
@@ -363,6 +384,9 @@ impl Session {
             idle_order: VecDeque::new(),
             in_flight: 0,
             refused: HashSet::new(),
+            retried: HashSet::new(),
+            regrant: None,
+            grant_to_save: None,
             unsaved_states: Vec::new(),
             checkpoint_dirty: false,
             next_save: None,
@@ -618,7 +642,26 @@ impl Session {
                     version: agreement.version,
                     capabilities: agreement.capabilities,
                 });
-                let checkpoint = store.peer_checkpoint(&self.config.peer)?;
+                let mut checkpoint = store.peer_checkpoint(&self.config.peer)?;
+                let fingerprint = self.config.access.fingerprint();
+                let changed = match store.peer_grant(&self.config.peer)? {
+                    Some(recorded) => recorded != fingerprint,
+                    // Checkpoints from before access was recorded were made
+                    // with read-write on everything.
+                    None => !self.config.access.is_full(),
+                };
+                if changed {
+                    self.regrant = Some(Regrant {
+                        fingerprint,
+                        receive_until: checkpoint,
+                        send_until: None,
+                        received: checkpoint == 0,
+                        sent: false,
+                    });
+                    checkpoint = 0;
+                } else {
+                    self.grant_to_save = Some(fingerprint);
+                }
                 let window = u64::from(self.config.announce_window.max(1));
                 self.receiving = Receiving {
                     expected_from: checkpoint,
@@ -646,12 +689,24 @@ impl Session {
                         "a second Subscribe",
                     ));
                 }
+                // Under a changed access, announce our whole feed again
+                // (entries up to the peer's checkpoint in ranges that claim
+                // nothing, so its checkpoint stays where it is).
+                let cursor = match &mut self.regrant {
+                    Some(regrant) => {
+                        regrant.send_until = Some(s.since);
+                        regrant.sent = s.since == 0;
+                        0
+                    }
+                    None => s.since,
+                };
                 self.sending = Some(Sending {
-                    cursor: s.since,
+                    cursor,
                     announced_to: s.since,
                     credit: u64::from(s.credit),
                     caught_up: false,
                 });
+                self.regrant_progress();
                 Ok(())
             }
             (Phase::Established(_), Message::Credit(c)) => {
@@ -671,6 +726,19 @@ impl Session {
                     reason: e.reason,
                 });
                 self.end_exchange(doc, false);
+                // A refused write of ours ends the exchange it was in, but
+                // we may still want the peer's side of the document: try
+                // once more in this session rather than wait for the next
+                // announcement.
+                if e.code == ErrorCode::Refused.as_u16()
+                    && self.retried.len() < MAX_REFUSED_TRACKED
+                    && self.retried.insert(doc)
+                    && let Some(want) = self.receiving.wanted.get_mut(&doc)
+                    && want.state == WantState::Stalled
+                {
+                    want.state = WantState::Queued;
+                    self.receiving.queue.push_back(doc);
+                }
                 Ok(())
             }
         }
@@ -897,6 +965,13 @@ impl Session {
                 r.checkpoint = r.checkpoint.max(range.to);
             }
         }
+        if let Some(regrant) = &mut self.regrant
+            && r.checkpoint >= regrant.receive_until
+        {
+            regrant.received = true;
+        }
+        self.regrant_progress();
+        let r = &self.receiving;
         if r.checkpoint != before {
             self.checkpoint_dirty = true;
             self.schedule_save();
@@ -905,6 +980,18 @@ impl Session {
                     checkpoint: self.receiving.checkpoint,
                 });
             }
+        }
+    }
+
+    /// Records the new access once both feeds were gone through under it.
+    fn regrant_progress(&mut self) {
+        if let Some(regrant) = &self.regrant
+            && regrant.sent
+            && regrant.received
+        {
+            self.grant_to_save = Some(regrant.fingerprint);
+            self.regrant = None;
+            self.schedule_save();
         }
     }
 
@@ -919,6 +1006,7 @@ impl Session {
         let progress = PeerProgress {
             checkpoint: self.checkpoint_dirty.then_some(self.receiving.checkpoint),
             sync_states: std::mem::take(&mut self.unsaved_states),
+            grant: self.grant_to_save.take(),
         };
         self.checkpoint_dirty = false;
         store.save_peer_progress(&self.config.peer, &progress)
@@ -1468,7 +1556,7 @@ impl Session {
             let drop_relays = self.config.planted_bug == Some(PlantedBug::DropRelayAnnouncements);
             // Split into frames; a frame that ends inside one commit's
             // entries claims the range only up to the commit before it.
-            let mut from = sending.announced_to.min(cursor);
+            let mut from = sending.announced_to;
             let mut chunk: Vec<Announcement> = Vec::new();
             let mut size = 0usize;
             let mut sent_docs = 0u64;
@@ -1505,10 +1593,10 @@ impl Session {
                 sent_docs += chunk.len() as u64;
                 self.send(&Message::Announce(Announce {
                     from,
-                    to: page.up_to,
+                    to: page.up_to.max(from),
                     docs: chunk,
                 }));
-                from = page.up_to;
+                from = page.up_to.max(from);
             }
             // Push the changes of documents the peer synced recently.
             for entry in &entries {
@@ -1520,11 +1608,17 @@ impl Session {
             if let Some(sending) = &mut self.sending {
                 sending.cursor = page.up_to;
                 sending.announced_to = from;
+                if let Some(regrant) = &mut self.regrant
+                    && (!full || regrant.send_until.is_some_and(|until| page.up_to >= until))
+                {
+                    regrant.sent = true;
+                }
                 sending.credit = sending.credit.saturating_sub(sent_docs);
                 if !full {
                     sending.caught_up = true;
                 }
             }
+            self.regrant_progress();
         }
     }
 }

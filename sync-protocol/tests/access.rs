@@ -331,3 +331,35 @@ fn a_write_only_peers_live_writes_cost_what_they_carry() {
         "a write costs {late} bytes after 180 writes, {early} at first"
     );
 }
+
+#[test]
+fn widening_a_grant_delivers_what_the_old_one_held_back() {
+    let (a, b) = (
+        Replica::in_memory().expect("a"),
+        Replica::in_memory().expect("b"),
+    );
+    let closed = Access::none().grant("default", Level::ReadWrite);
+    let public = create(&a, "public", 1);
+    let report = create(&b, "reports", 2);
+    create(&a, "default", 3);
+    let first = run(&a, &b, &closed);
+    assert_eq!(value(&b, public), None);
+    assert_eq!(value(&a, report), None);
+    assert!(refused(&first, report));
+    // Nothing changed meanwhile; the wider grant alone brings both over.
+    let open = closed
+        .clone()
+        .grant("public", Level::Read)
+        .grant("reports", Level::Write);
+    run(&a, &b, &open);
+    assert_eq!(value(&b, public), Some(1), "the newly readable document");
+    assert_eq!(value(&a, report), Some(2), "the newly writable document");
+    // The pass is done once: the next session under the same grant is quiet.
+    let again = run(&a, &b, &open);
+    assert!(
+        !messages(&again.a_to_b)
+            .iter()
+            .any(|m| matches!(m, Message::Announce(a) if !a.docs.is_empty())),
+        "the feed was announced again"
+    );
+}
