@@ -50,6 +50,12 @@
 //! - [`Node`]: dials and accepts peers (one connection per pair, reconnecting
 //!   with backoff and jitter), runs a sync session per connection, goes
 //!   offline and online, reports [`Status`], shuts down cleanly.
+//! - [`Access`] per peer ([`PeerConfig::with_access`]): which spaces it
+//!   may read and write; documents outside its read scope are never named
+//!   to it, its writes outside its write scope are refused and counted.
+//! - [`Limits`] ([`NodeConfig::limits`]): what one peer connection may cost
+//!   — frame size, buffers, QUIC streams and windows, inbound connections,
+//!   reconnect rate, handshake, idle and stall timeouts.
 //! - [`api`]: the local HTTP/JSON API (INTERFACE.md) and `GET /metrics`.
 //! - [`config`]: the TOML configuration file of `concord run`.
 

@@ -1,0 +1,388 @@
+//! Workloads W1, W1hot and W2 (BENCHMARKS.md): bulk writes on A, replicated
+//! live to B, a separate OS process running its own node.
+//!
+//! - W1: one document, then `--changes` (10,000) changes; change i sets
+//!   `k<i>` to i.
+//! - W1hot: as W1, but change i sets `k<i mod 10>`.
+//! - W2: `--docs` (1,000) documents one after another, each created and then
+//!   given 10 changes (`k<c>` = c).
+//!
+//! Every write is its own durable commit. B is told the heads A ends with
+//! and notes, from its commit subscription (not by polling), when its
+//! replica holds every document at those heads. Prints one JSON line per
+//! workload: `local_ms` (A's writes done), `converge_ms` (B has all, from
+//! A's first write), `sync_after_local_ms` (B has all, after A's last
+//! write), bytes both ways (UDP payload of the QUIC connection), peak RSS
+//! and CPU seconds of each process. `--runs N` prints medians.
+//!
+//! ```sh
+//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|all] [--changes N] [--docs N] [--runs N]
+//! ```
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use concord_core::automerge::ROOT;
+use concord_core::automerge::transaction::Transactable;
+use concord_core::{DEFAULT_SPACE, DocId, Heads, NodeId, Replica};
+use concord_node::identity::Identity;
+use concord_node::{Node, NodeConfig, PeerConfig};
+
+const ROLE: &str = "CONCORD_BULK_ROLE";
+
+fn nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Process B: a node trusting A. Reads `WANT <doc> <heads>` lines, then
+/// `GO`; prints `DONE <nanos>` once its replica holds every wanted
+/// document at those heads, then `RSS <kib> CPU <s>`.
+fn role_b() {
+    let dir = std::env::var("CONCORD_BULK_DIR").expect("dir");
+    let a: NodeId = std::env::var("CONCORD_BULK_PEER")
+        .expect("peer")
+        .parse()
+        .expect("peer id");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let config = {
+            let mut c = NodeConfig::new(&dir, "127.0.0.1:0".parse().expect("addr"));
+            c.peers = vec![PeerConfig::new(a, None)];
+            c
+        };
+        let node = Node::start(config).await.expect("start b");
+        println!("ADDR {}", node.local_addr().expect("addr"));
+        let replica = node.replica().clone();
+        let waiter = std::thread::spawn(move || {
+            let subscription = replica.subscribe(1 << 16);
+            let mut wanted: HashMap<DocId, Heads> = HashMap::new();
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                match parts.as_slice() {
+                    ["WANT", doc, heads] => {
+                        wanted.insert(doc.parse().expect("doc id"), heads.parse().expect("heads"));
+                    }
+                    ["GO"] => break,
+                    _ => {}
+                }
+            }
+            let holds = |replica: &Replica, doc: &DocId, heads: &Heads| {
+                replica
+                    .read()
+                    .ok()
+                    .and_then(|s| s.summary(*doc).ok().flatten())
+                    .is_some_and(|s| &s.heads == heads)
+            };
+            wanted.retain(|doc, heads| !holds(&replica, doc, heads));
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !wanted.is_empty() && Instant::now() < deadline {
+                match subscription.recv_timeout(Duration::from_secs(1)) {
+                    Ok(event) => {
+                        for change in &event.docs {
+                            if wanted.get(&change.id) == Some(&change.heads) {
+                                wanted.remove(&change.id);
+                            }
+                        }
+                    }
+                    // Lagged or quiet: look at the store itself.
+                    Err(_) => wanted.retain(|doc, heads| !holds(&replica, doc, heads)),
+                }
+            }
+            let done = nanos();
+            let mut out = std::io::stdout().lock();
+            if wanted.is_empty() {
+                writeln!(out, "DONE {done}").expect("stdout");
+            } else {
+                writeln!(out, "MISSING {}", wanted.len()).expect("stdout");
+            }
+            writeln!(out, "RSS {} CPU {}", peak_rss_kib(), cpu_seconds()).expect("stdout");
+            out.flush().expect("flush");
+        });
+        let _ = tokio::task::spawn_blocking(move || waiter.join()).await;
+        node.shutdown().await;
+    });
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    W1,
+    W1Hot,
+    W2,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::W1 => "W1",
+            Self::W1Hot => "W1hot",
+            Self::W2 => "W2",
+        }
+    }
+}
+
+/// One durable commit that sets `key` to `value` in `doc`.
+fn set(replica: &Replica, doc: DocId, key: &str, value: i64) {
+    let mut tx = replica.begin().expect("begin");
+    tx.change(doc, |d| d.put(ROOT, key, value)).expect("change");
+    tx.commit().expect("commit");
+}
+
+fn create(replica: &Replica) -> DocId {
+    let mut tx = replica.begin().expect("begin");
+    let (doc, ()) = tx
+        .create(DEFAULT_SPACE, |_| {
+            Ok::<_, concord_core::automerge::AutomergeError>(())
+        })
+        .expect("create");
+    tx.commit().expect("commit");
+    doc
+}
+
+/// A's writes; returns the documents written.
+fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<DocId> {
+    match workload {
+        Workload::W1 | Workload::W1Hot => {
+            let doc = create(replica);
+            for i in 0..changes {
+                let key = match workload {
+                    Workload::W1Hot => format!("k{}", i % 10),
+                    _ => format!("k{i}"),
+                };
+                set(replica, doc, &key, i as i64);
+            }
+            vec![doc]
+        }
+        Workload::W2 => (0..docs)
+            .map(|_| {
+                let doc = create(replica);
+                for c in 0..10 {
+                    set(replica, doc, &format!("k{c}"), c);
+                }
+                doc
+            })
+            .collect(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    local_ms: f64,
+    converge_ms: f64,
+    sync_after_local_ms: f64,
+    bytes_a_to_b: f64,
+    bytes_b_to_a: f64,
+    rss_a_kib: f64,
+    rss_b_kib: f64,
+    cpu_a: f64,
+    cpu_b: f64,
+}
+
+fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
+    // A is this process: reset its peak RSS (Linux: 5 to clear_refs) and
+    // count CPU from here, so each run reports its own.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let cpu_before = cpu_seconds();
+    let tmp = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a_identity = Identity::create_in(&a_dir).expect("a identity");
+    let b_identity = Identity::create_in(&b_dir).expect("b identity");
+    let mut b = Command::new(std::env::current_exe().expect("exe"))
+        .env(ROLE, "b")
+        .env("CONCORD_BULK_DIR", &b_dir)
+        .env("CONCORD_BULK_PEER", a_identity.node_id().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn b");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    let stdout = b.stdout.take().expect("b stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |within: Duration| lines.recv_timeout(within).expect("B said nothing");
+    let b_addr: SocketAddr = next(Duration::from_secs(30))
+        .strip_prefix("ADDR ")
+        .expect("ADDR line")
+        .parse()
+        .expect("b address");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let figures = runtime.block_on(async {
+        let mut config = NodeConfig::new(&a_dir, "127.0.0.1:0".parse().expect("addr"));
+        config.peers = vec![PeerConfig::new(b_identity.node_id(), Some(b_addr))];
+        let a = Node::start(config).await.expect("start a");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !a.is_connected(&b_identity.node_id()) {
+            assert!(Instant::now() < deadline, "A never connected to B");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let replica = a.replica().clone();
+        let started = nanos();
+        let written = tokio::task::spawn_blocking(move || write(&replica, workload, changes, docs))
+            .await
+            .expect("writes");
+        let local_done = nanos();
+        let mut stdin = b.stdin.take().expect("b stdin");
+        {
+            let snapshot = a.replica().read().expect("read");
+            for doc in &written {
+                let heads = snapshot.get(*doc).expect("doc").heads().clone();
+                writeln!(stdin, "WANT {doc} {heads}").expect("tell b");
+            }
+        }
+        writeln!(stdin, "GO").expect("tell b");
+        stdin.flush().expect("flush");
+        let mut done = None;
+        let b_usage;
+        loop {
+            let line = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(660)))
+                .expect("B finished");
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["DONE", at] => done = at.parse::<u128>().ok(),
+                ["MISSING", n] => panic!("B never got {n} documents"),
+                ["RSS", rss, "CPU", cpu] => {
+                    b_usage = (rss.parse().unwrap_or(0.0), cpu.parse().unwrap_or(0.0));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let done = done.expect("DONE line");
+        let peer = a.status().peers.first().cloned().expect("peer status");
+        let figures = Figures {
+            local_ms: (local_done - started) as f64 / 1e6,
+            converge_ms: done.saturating_sub(started) as f64 / 1e6,
+            sync_after_local_ms: done.saturating_sub(local_done) as f64 / 1e6,
+            bytes_a_to_b: peer.bytes_sent as f64,
+            bytes_b_to_a: peer.bytes_received as f64,
+            rss_a_kib: peak_rss_kib() as f64,
+            rss_b_kib: b_usage.0,
+            cpu_a: cpu_seconds() - cpu_before,
+            cpu_b: b_usage.1,
+        };
+        a.shutdown().await;
+        figures
+    });
+    let _ = b.wait();
+    figures
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    if std::env::var_os(ROLE).is_some() {
+        return role_b();
+    }
+    let changes: u64 = arg("--changes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let docs: u64 = arg("--docs").and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let runs: usize = arg("--runs")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let workloads = match arg("--workload").as_deref() {
+        Some("W1") => vec![Workload::W1],
+        Some("W1hot") => vec![Workload::W1Hot],
+        Some("W2") => vec![Workload::W2],
+        None | Some("all") => {
+            // One process per workload, so A's peak RSS and CPU are its own.
+            let mut args: Vec<String> = std::env::args().skip(1).collect();
+            if let Some(i) = args.iter().position(|a| a == "--workload") {
+                args.drain(i..(i + 2).min(args.len()));
+            }
+            for name in ["W1", "W1hot", "W2"] {
+                let status = Command::new(std::env::current_exe().expect("exe"))
+                    .args(&args)
+                    .args(["--workload", name])
+                    .status()
+                    .expect("run a workload");
+                assert!(status.success(), "workload {name} failed");
+            }
+            return;
+        }
+        Some(other) => panic!("unknown workload {other:?}: W1, W1hot, W2 or all"),
+    };
+    for workload in workloads {
+        // Fresh stores and a fresh B each run.
+        let all: Vec<Figures> = (0..runs).map(|_| run(workload, changes, docs)).collect();
+        let m = |f: fn(&Figures) -> f64| {
+            let v = median(all.iter().map(f).collect());
+            (v * 1000.0).round() / 1000.0
+        };
+        let report = serde_json::json!({
+            "workload": workload.name(),
+            "runs": runs,
+            "changes": if workload == Workload::W2 { docs * 11 } else { changes + 1 },
+            "documents": if workload == Workload::W2 { docs } else { 1 },
+            "local_ms": m(|f| f.local_ms),
+            "converge_ms": m(|f| f.converge_ms),
+            "sync_after_local_ms": m(|f| f.sync_after_local_ms),
+            "bytes_a_to_b": m(|f| f.bytes_a_to_b),
+            "bytes_b_to_a": m(|f| f.bytes_b_to_a),
+            "peak_rss_kib": { "a": m(|f| f.rss_a_kib), "b": m(|f| f.rss_b_kib) },
+            "cpu_seconds": { "a": m(|f| f.cpu_a), "b": m(|f| f.cpu_b) },
+            "durable_commits": "every write its own commit, both sides (redb two-phase commit, fsync)",
+        });
+        println!("{report}");
+    }
+}
