@@ -1,11 +1,14 @@
-//! Workloads W1, W1hot and W2 (BENCHMARKS.md): bulk writes on A, replicated
-//! live to B, a separate OS process running its own node.
+//! Workloads W1, W1hot, W2 and W3 (BENCHMARKS.md): bulk writes on A,
+//! replicated live to B, a separate OS process running its own node.
 //!
 //! - W1: one document, then `--changes` (10,000) changes; change i sets
 //!   `k<i>` to i.
 //! - W1hot: as W1, but change i sets `k<i mod 10>`.
 //! - W2: `--docs` (1,000) documents one after another, each created and then
 //!   given 10 changes (`k<c>` = c).
+//! - W3: W2 until B has everything; then A goes offline, A changes documents
+//!   0–9 and B documents 10–19 once each, and A goes online: `a_has_b_ms`,
+//!   `b_has_a_ms` and the bytes both ways count from that moment.
 //!
 //! Every write is its own durable commit. B is told the heads A ends with
 //! and notes, from its commit subscription (not by polling), when its
@@ -16,7 +19,7 @@
 //! and CPU seconds of each process. `--runs N` prints medians.
 //!
 //! ```sh
-//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|all] [--changes N] [--docs N] [--runs N]
+//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|W3|all] [--changes N] [--docs N] [--runs N]
 //! ```
 
 use std::collections::HashMap;
@@ -104,44 +107,39 @@ fn role_b() {
         let waiter = std::thread::spawn(move || {
             let subscription = replica.subscribe(1 << 16);
             let mut wanted: HashMap<DocId, Heads> = HashMap::new();
+            let mut out = std::io::stdout();
             for line in std::io::stdin().lock().lines().map_while(Result::ok) {
                 let parts: Vec<&str> = line.split_whitespace().collect();
                 match parts.as_slice() {
                     ["WANT", doc, heads] => {
                         wanted.insert(doc.parse().expect("doc id"), heads.parse().expect("heads"));
                     }
-                    ["GO"] => break,
-                    _ => {}
-                }
-            }
-            let holds = |replica: &Replica, doc: &DocId, heads: &Heads| {
-                replica
-                    .read()
-                    .ok()
-                    .and_then(|s| s.summary(*doc).ok().flatten())
-                    .is_some_and(|s| &s.heads == heads)
-            };
-            wanted.retain(|doc, heads| !holds(&replica, doc, heads));
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while !wanted.is_empty() && Instant::now() < deadline {
-                match subscription.recv_timeout(Duration::from_secs(1)) {
-                    Ok(event) => {
-                        for change in &event.docs {
-                            if wanted.get(&change.id) == Some(&change.heads) {
-                                wanted.remove(&change.id);
-                            }
+                    ["GO"] => {
+                        let missing =
+                            await_heads(&replica, &subscription, std::mem::take(&mut wanted));
+                        let done = nanos();
+                        if missing == 0 {
+                            writeln!(out, "DONE {done}").expect("stdout");
+                        } else {
+                            writeln!(out, "MISSING {missing}").expect("stdout");
                         }
                     }
-                    // Lagged or quiet: look at the store itself.
-                    Err(_) => wanted.retain(|doc, heads| !holds(&replica, doc, heads)),
+                    ["EDIT", doc] => {
+                        let doc: DocId = doc.parse().expect("doc id");
+                        set(&replica, doc, "edited_on_b", 1);
+                        let heads = replica
+                            .read()
+                            .expect("read")
+                            .get(doc)
+                            .expect("doc")
+                            .heads()
+                            .clone();
+                        writeln!(out, "HEADS {doc} {heads}").expect("stdout");
+                    }
+                    ["END"] => break,
+                    _ => {}
                 }
-            }
-            let done = nanos();
-            let mut out = std::io::stdout().lock();
-            if wanted.is_empty() {
-                writeln!(out, "DONE {done}").expect("stdout");
-            } else {
-                writeln!(out, "MISSING {}", wanted.len()).expect("stdout");
+                out.flush().expect("flush");
             }
             writeln!(out, "RSS {} CPU {}", peak_rss_kib(), cpu_seconds()).expect("stdout");
             out.flush().expect("flush");
@@ -151,11 +149,45 @@ fn role_b() {
     });
 }
 
+/// Waits (from `subscription`, and the store when lagged or quiet) until
+/// `replica` holds every document of `wanted` at its heads, for at most
+/// 10 minutes. Returns how many it still lacks.
+fn await_heads(
+    replica: &Replica,
+    subscription: &concord_core::Subscription,
+    mut wanted: HashMap<DocId, Heads>,
+) -> usize {
+    let holds = |doc: &DocId, heads: &Heads| {
+        replica
+            .read()
+            .ok()
+            .and_then(|s| s.summary(*doc).ok().flatten())
+            .is_some_and(|s| &s.heads == heads)
+    };
+    wanted.retain(|doc, heads| !holds(doc, heads));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !wanted.is_empty() && Instant::now() < deadline {
+        match subscription.recv_timeout(Duration::from_secs(1)) {
+            Ok(event) => {
+                for change in &event.docs {
+                    if wanted.get(&change.id) == Some(&change.heads) {
+                        wanted.remove(&change.id);
+                    }
+                }
+            }
+            Err(_) => wanted.retain(|doc, heads| !holds(doc, heads)),
+        }
+    }
+    wanted.len()
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
     W1,
     W1Hot,
     W2,
+    /// W2, then reconnect after offline edits on both sides (warm).
+    W3,
 }
 
 impl Workload {
@@ -164,6 +196,7 @@ impl Workload {
             Self::W1 => "W1",
             Self::W1Hot => "W1hot",
             Self::W2 => "W2",
+            Self::W3 => "W3",
         }
     }
 }
@@ -200,7 +233,7 @@ fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<
             }
             vec![doc]
         }
-        Workload::W2 => (0..docs)
+        Workload::W2 | Workload::W3 => (0..docs)
             .map(|_| {
                 let doc = create(replica);
                 for c in 0..10 {
@@ -212,8 +245,18 @@ fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<
     }
 }
 
+/// W3: from A going online again.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reconnect {
+    a_has_b_ms: f64,
+    b_has_a_ms: f64,
+    bytes_a_to_b: f64,
+    bytes_b_to_a: f64,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Figures {
+    reconnect: Option<Reconnect>,
     local_ms: f64,
     converge_ms: f64,
     sync_after_local_ms: f64,
@@ -226,6 +269,10 @@ struct Figures {
 }
 
 fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
+    assert!(
+        workload != Workload::W3 || docs >= 20,
+        "W3 edits documents 0-19: --docs must be at least 20"
+    );
     // A is this process: reset its peak RSS (Linux: 5 to clear_refs) and
     // count CPU from here, so each run reports its own.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -287,24 +334,87 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
         }
         writeln!(stdin, "GO").expect("tell b");
         stdin.flush().expect("flush");
-        let mut done = None;
-        let b_usage;
-        loop {
-            let line = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(660)))
-                .expect("B finished");
-            let parts: Vec<&str> = line.split_whitespace().collect();
+        let line = || {
+            tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(660)))
+                .expect("B answers")
+        };
+        let done_at = |line: &dyn Fn() -> String| loop {
+            let l = line();
+            let parts: Vec<&str> = l.split_whitespace().collect();
             match parts.as_slice() {
-                ["DONE", at] => done = at.parse::<u128>().ok(),
+                ["DONE", at] => break at.parse::<u128>().expect("time"),
                 ["MISSING", n] => panic!("B never got {n} documents"),
-                ["RSS", rss, "CPU", cpu] => {
-                    b_usage = (rss.parse().unwrap_or(0.0), cpu.parse().unwrap_or(0.0));
-                    break;
-                }
                 _ => {}
             }
-        }
-        let done = done.expect("DONE line");
+        };
+        let done = done_at(&line);
         let peer = a.status().peers.first().cloned().expect("peer status");
+        let mut reconnect = None;
+        if workload == Workload::W3 {
+            // Offline: A edits documents 0–9, B edits 10–19.
+            let b_id = b_identity.node_id();
+            a.set_online(false);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while a.is_connected(&b_id) {
+                assert!(Instant::now() < deadline, "A never went offline");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut b_heads = HashMap::new();
+            for doc in &written[10..20] {
+                writeln!(stdin, "EDIT {doc}").expect("tell b");
+                stdin.flush().expect("flush");
+                let l = line();
+                let parts: Vec<&str> = l.split_whitespace().collect();
+                match parts.as_slice() {
+                    ["HEADS", d, heads] if *d == doc.to_string() => {
+                        b_heads.insert(*doc, heads.parse::<Heads>().expect("heads"));
+                    }
+                    other => panic!("B answered {other:?}"),
+                }
+            }
+            for doc in &written[..10] {
+                set(a.replica(), *doc, "edited_on_a", 1);
+                let heads = a
+                    .replica()
+                    .read()
+                    .expect("read")
+                    .get(*doc)
+                    .expect("doc")
+                    .heads()
+                    .clone();
+                writeln!(stdin, "WANT {doc} {heads}").expect("tell b");
+            }
+            writeln!(stdin, "GO").expect("tell b");
+            stdin.flush().expect("flush");
+            let before = a.status().peers.first().cloned().expect("peer status");
+            let subscription = a.replica().subscribe(1 << 12);
+            let online_at = nanos();
+            a.set_online(true);
+            let replica = a.replica().clone();
+            let missing =
+                tokio::task::spawn_blocking(move || await_heads(&replica, &subscription, b_heads))
+                    .await
+                    .expect("wait");
+            assert_eq!(missing, 0, "A never got B's offline edits");
+            let a_has_b = nanos();
+            let b_has_a = done_at(&line);
+            let after = a.status().peers.first().cloned().expect("peer status");
+            reconnect = Some(Reconnect {
+                a_has_b_ms: a_has_b.saturating_sub(online_at) as f64 / 1e6,
+                b_has_a_ms: b_has_a.saturating_sub(online_at) as f64 / 1e6,
+                bytes_a_to_b: after.bytes_sent.saturating_sub(before.bytes_sent) as f64,
+                bytes_b_to_a: after.bytes_received.saturating_sub(before.bytes_received) as f64,
+            });
+        }
+        writeln!(stdin, "END").expect("tell b");
+        stdin.flush().expect("flush");
+        let b_usage = loop {
+            let l = line();
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            if let ["RSS", rss, "CPU", cpu] = parts.as_slice() {
+                break (rss.parse().unwrap_or(0.0), cpu.parse().unwrap_or(0.0));
+            }
+        };
         let figures = Figures {
             local_ms: (local_done - started) as f64 / 1e6,
             converge_ms: done.saturating_sub(started) as f64 / 1e6,
@@ -315,12 +425,23 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
             rss_b_kib: b_usage.0,
             cpu_a: cpu_seconds() - cpu_before,
             cpu_b: b_usage.1,
+            reconnect,
         };
         a.shutdown().await;
         figures
     });
     let _ = b.wait();
     figures
+}
+
+fn m_reconnect(all: &[Figures], f: fn(&Reconnect) -> f64) -> f64 {
+    let v = median(
+        all.iter()
+            .filter_map(|x| x.reconnect.as_ref())
+            .map(f)
+            .collect(),
+    );
+    (v * 1000.0).round() / 1000.0
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -344,13 +465,14 @@ fn main() {
         Some("W1") => vec![Workload::W1],
         Some("W1hot") => vec![Workload::W1Hot],
         Some("W2") => vec![Workload::W2],
+        Some("W3") => vec![Workload::W3],
         None | Some("all") => {
             // One process per workload, so A's peak RSS and CPU are its own.
             let mut args: Vec<String> = std::env::args().skip(1).collect();
             if let Some(i) = args.iter().position(|a| a == "--workload") {
                 args.drain(i..(i + 2).min(args.len()));
             }
-            for name in ["W1", "W1hot", "W2"] {
+            for name in ["W1", "W1hot", "W2", "W3"] {
                 let status = Command::new(std::env::current_exe().expect("exe"))
                     .args(&args)
                     .args(["--workload", name])
@@ -360,7 +482,7 @@ fn main() {
             }
             return;
         }
-        Some(other) => panic!("unknown workload {other:?}: W1, W1hot, W2 or all"),
+        Some(other) => panic!("unknown workload {other:?}: W1, W1hot, W2, W3 or all"),
     };
     for workload in workloads {
         // Fresh stores and a fresh B each run.
@@ -369,11 +491,12 @@ fn main() {
             let v = median(all.iter().map(f).collect());
             (v * 1000.0).round() / 1000.0
         };
-        let report = serde_json::json!({
+        let bulk = matches!(workload, Workload::W2 | Workload::W3);
+        let mut report = serde_json::json!({
             "workload": workload.name(),
             "runs": runs,
-            "changes": if workload == Workload::W2 { docs * 11 } else { changes + 1 },
-            "documents": if workload == Workload::W2 { docs } else { 1 },
+            "changes": if bulk { docs * 11 } else { changes + 1 },
+            "documents": if bulk { docs } else { 1 },
             "local_ms": m(|f| f.local_ms),
             "converge_ms": m(|f| f.converge_ms),
             "sync_after_local_ms": m(|f| f.sync_after_local_ms),
@@ -383,6 +506,26 @@ fn main() {
             "cpu_seconds": { "a": m(|f| f.cpu_a), "b": m(|f| f.cpu_b) },
             "durable_commits": "every write its own commit, both sides (redb two-phase commit, fsync)",
         });
+        if workload == Workload::W3 {
+            // The W3 figures count from A going online; the W2 setup's are
+            // under "setup".
+            let r = |f: fn(&Reconnect) -> f64| m_reconnect(&all, f);
+            let setup = report.clone();
+            report = serde_json::json!({
+                "workload": "W3",
+                "runs": runs,
+                "documents": docs,
+                "offline_edits": { "a": 10, "b": 10 },
+                "a_has_b_ms": r(|x| x.a_has_b_ms),
+                "b_has_a_ms": r(|x| x.b_has_a_ms),
+                "converge_ms": r(|x| x.a_has_b_ms.max(x.b_has_a_ms)),
+                "bytes_a_to_b": r(|x| x.bytes_a_to_b),
+                "bytes_b_to_a": r(|x| x.bytes_b_to_a),
+                "peak_rss_kib": setup["peak_rss_kib"].clone(),
+                "cpu_seconds": setup["cpu_seconds"].clone(),
+                "setup": { "local_ms": setup["local_ms"].clone(), "converge_ms": setup["converge_ms"].clone() },
+            });
+        }
         println!("{report}");
     }
 }

@@ -558,10 +558,10 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     eprintln!("attack #{}", round + 1);
     let (base, peak) = (rss_kib(), Peak::start());
     let mut refused = None;
-    for _ in 0..40 {
+    for _ in 0..60 {
         let (_endpoint, connection) = connect(&rig).await;
         if let Ok(reason) =
-            tokio::time::timeout(Duration::from_millis(300), connection.closed()).await
+            tokio::time::timeout(Duration::from_millis(100), connection.closed()).await
         {
             if reason.to_string().contains("too often") {
                 refused = Some(reason.to_string());
