@@ -809,16 +809,17 @@ mod tests {
     use super::*;
     use crate::json::to_json;
 
-    // Test helpers (this module is `cfg(test)`): a panic fails the test
-    // that passed them a bad fixture.
+    // Test helpers: a fixture they cannot take fails the test, naming it.
     fn new_doc(value: Json) -> AutoCommit {
         let mut doc = AutoCommit::new();
-        write_root(&mut doc, &value).unwrap();
+        if let Err(e) = write_root(&mut doc, &value) {
+            panic!("fixture document {value}: {e}");
+        }
         doc
     }
 
     fn parse(ops: Json) -> Vec<Op> {
-        serde_json::from_value(ops).unwrap()
+        serde_json::from_value(ops.clone()).unwrap_or_else(|e| panic!("fixture ops {ops}: {e}"))
     }
 
     fn apply(doc: &mut AutoCommit, ops: Json) -> Result<(), OpError> {
