@@ -281,33 +281,31 @@ struct Tables<'txn> {
 
 impl<'txn> Tables<'txn> {
     fn snapshots(&mut self) -> Result<&mut SnapshotTable<'txn>, StorageError> {
-        let table = match self.snapshots.take() {
-            Some(table) => table,
-            None => self.tx.open_table(store::SNAPSHOTS)?,
-        };
-        Ok(self.snapshots.insert(table))
+        opened(self.tx, &mut self.snapshots, store::SNAPSHOTS)
     }
 
     fn pending(&mut self) -> Result<&mut PendingTable<'txn>, StorageError> {
-        let table = match self.pending.take() {
-            Some(table) => table,
-            None => self.tx.open_table(store::PENDING)?,
-        };
-        Ok(self.pending.insert(table))
+        opened(self.tx, &mut self.pending, store::PENDING)
     }
 
     /// Loads the stored document of `row`.
     fn load(&mut self, id: DocId, row: &DocRow) -> Result<Automerge, DocError> {
-        let table = match self.snapshots.take() {
-            Some(table) => table,
-            None => self
-                .tx
-                .open_table(store::SNAPSHOTS)
-                .map_err(StorageError::from)?,
-        };
-        let snapshots = self.snapshots.insert(table);
+        let snapshots = opened(self.tx, &mut self.snapshots, store::SNAPSHOTS)?;
         document::load(id, row, &*snapshots, &self.log)
     }
+}
+
+/// The table in `slot`, opened on first use.
+fn opened<'s, 'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
+    tx: &'txn WriteTransaction,
+    slot: &'s mut Option<Table<'txn, K, V>>,
+    definition: redb::TableDefinition<'_, K, V>,
+) -> Result<&'s mut Table<'txn, K, V>, StorageError> {
+    let table = match slot.take() {
+        Some(table) => table,
+        None => tx.open_table(definition)?,
+    };
+    Ok(slot.insert(table))
 }
 
 fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)> {

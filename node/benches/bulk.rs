@@ -27,7 +27,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use concord_core::automerge::ROOT;
 use concord_core::automerge::transaction::Transactable;
@@ -35,52 +35,10 @@ use concord_core::{DEFAULT_SPACE, DocId, Heads, NodeId, Replica};
 use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
+mod support;
+use support::{arg, cpu_seconds, nanos, peak_rss_kib};
+
 const ROLE: &str = "CONCORD_BULK_ROLE";
-
-fn nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
 
 /// Process B: a node trusting A. Reads `WANT <doc> <heads>` lines, then
 /// `GO`; prints `DONE <nanos>` once its replica holds every wanted
@@ -141,7 +99,13 @@ fn role_b() {
                 }
                 out.flush().expect("flush");
             }
-            writeln!(out, "RSS {} CPU {}", peak_rss_kib(), cpu_seconds()).expect("stdout");
+            writeln!(
+                out,
+                "RSS {} CPU {}",
+                peak_rss_kib().unwrap_or(0),
+                cpu_seconds().unwrap_or(0.0)
+            )
+            .expect("stdout");
             out.flush().expect("flush");
         });
         let _ = tokio::task::spawn_blocking(move || waiter.join()).await;
@@ -276,7 +240,7 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
     // A is this process: reset its peak RSS (Linux: 5 to clear_refs) and
     // count CPU from here, so each run reports its own.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_seconds().unwrap_or(0.0);
     let tmp = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     let a_identity = Identity::create_in(&a_dir).expect("a identity");
@@ -421,9 +385,9 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
             sync_after_local_ms: done.saturating_sub(local_done) as f64 / 1e6,
             bytes_a_to_b: peer.bytes_sent as f64,
             bytes_b_to_a: peer.bytes_received as f64,
-            rss_a_kib: peak_rss_kib() as f64,
+            rss_a_kib: peak_rss_kib().unwrap_or(0) as f64,
             rss_b_kib: b_usage.0,
-            cpu_a: cpu_seconds() - cpu_before,
+            cpu_a: cpu_seconds().unwrap_or(0.0) - cpu_before,
             cpu_b: b_usage.1,
             reconnect,
         };

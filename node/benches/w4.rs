@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use concord_core::automerge::transaction::Transactable;
 use concord_core::automerge::{ROOT, ReadDoc};
@@ -23,45 +23,16 @@ use concord_core::{DEFAULT_SPACE, DocId, NodeId, Origin, Replica};
 use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
+mod support;
+use support::{arg, cpu_seconds, nanos, peak_rss_kib};
+
 const ROLE: &str = "CONCORD_W4_ROLE";
-
-fn nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
 
 fn seq_of(replica: &Replica, doc: DocId) -> Option<i64> {
     let snapshot = replica.read().ok()?;
     let document = snapshot.get(doc).ok()?;
     let (value, _) = document.automerge().get(ROOT, "seq").ok()??;
     value.as_i64()
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 /// Process B: runs a node, reports when it holds the document, then each

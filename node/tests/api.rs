@@ -542,14 +542,6 @@ async fn a_token_guards_the_api_and_is_required_off_loopback() {
     }
 }
 
-/// The number on the metrics line that starts with `prefix`.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_peers_exchange() {
     let dirs = [
@@ -593,45 +585,49 @@ async fn metrics_count_what_peers_exchange() {
         let on_b = text(&b);
         let peer = |name: &str, id: &str| format!("concord_{name}{{peer=\"{id}\"}}");
         assert!(
-            metric(&on_a, &peer("peer_changes_received_total", &b_id)) >= Some(1.0),
+            support::metric(&on_a, &peer("peer_changes_received_total", &b_id)) >= Some(1.0),
             "{on_a}"
         );
         assert!(
-            metric(&on_b, &peer("peer_changes_sent_total", &a_id)) >= Some(1.0),
+            support::metric(&on_b, &peer("peer_changes_sent_total", &a_id)) >= Some(1.0),
             "{on_b}"
         );
         assert!(
-            metric(&on_b, &peer("peer_docs_announced_total", &a_id)) >= Some(1.0),
+            support::metric(&on_b, &peer("peer_docs_announced_total", &a_id)) >= Some(1.0),
             "{on_b}"
         );
         assert_eq!(
-            metric(&on_a, &peer("peer_connected", &b_id)),
+            support::metric(&on_a, &peer("peer_connected", &b_id)),
             Some(1.0),
             "{on_a}"
         );
         assert_eq!(
-            metric(&on_a, "concord_peers_connected "),
+            support::metric(&on_a, "concord_peers_connected "),
             Some(1.0),
             "{on_a}"
         );
         assert!(
-            metric(&on_a, &peer("peer_received_bytes_total", &b_id)) > Some(0.0),
+            support::metric(&on_a, &peer("peer_received_bytes_total", &b_id)) > Some(0.0),
             "{on_a}"
         );
         assert!(
-            metric(&on_a, &peer("peer_sent_bytes_total", &b_id)) > Some(0.0),
+            support::metric(&on_a, &peer("peer_sent_bytes_total", &b_id)) > Some(0.0),
             "{on_a}"
         );
         assert!(
-            metric(&on_a, &peer("peer_sync_lag_seconds", &b_id)).is_some(),
+            support::metric(&on_a, &peer("peer_sync_lag_seconds", &b_id)).is_some(),
             "{on_a}"
         );
         assert_eq!(
-            metric(&on_a, "concord_commits_total{origin=\"peer\"}"),
+            support::metric(&on_a, "concord_commits_total{origin=\"peer\"}"),
             Some(1.0),
             "{on_a}"
         );
-        assert_eq!(metric(&on_a, "concord_documents "), Some(1.0), "{on_a}");
+        assert_eq!(
+            support::metric(&on_a, "concord_documents "),
+            Some(1.0),
+            "{on_a}"
+        );
     })
     .await;
     for node in nodes {

@@ -22,6 +22,8 @@ use concord_sync_protocol::message::{Announce, Announcement, SyncData};
 use concord_sync_protocol::{ErrorCode, Message};
 use serde_bytes::{ByteArray, ByteBuf};
 
+mod support;
+
 /// The bound the issue sets: 32 MiB above idle per hostile connection.
 const MEMORY_BOUND_KIB: u64 = 32 << 10;
 
@@ -35,6 +37,13 @@ fn rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The start of attack `round + 1`: the resident set now, and its peak from
+/// now on.
+fn begin(round: i64) -> (u64, Peak) {
+    eprintln!("attack #{}", round + 1);
+    (rss_kib(), Peak::start())
 }
 
 /// Samples the resident set every 5 ms until dropped; reports the peak.
@@ -318,13 +327,7 @@ fn refused_writes(rig: &Rig) -> f64 {
         "concord_peer_writes_refused_total{{peer=\"{}\"}}",
         rig.hostile.node_id()
     );
-    rig.node
-        .metrics_text()
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    support::metric(&rig.node.metrics_text(), &prefix).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,8 +357,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     }
 
     // Garbage after the handshake.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let mut bytes = hello(rig.hostile.node_id());
     bytes.extend(std::iter::repeat_n(0xa5u8, 4096));
     let (answer, reason) = attack(&rig, bytes).await;
@@ -369,8 +371,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("garbage", peak.finish(), base);
 
     // An oversized frame, refused from its length alone.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let mut bytes = hello(rig.hostile.node_id());
     bytes.extend_from_slice(&u32::MAX.to_be_bytes());
     bytes.extend_from_slice(&[0u8; 1024]);
@@ -379,8 +380,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("oversized frame", peak.finish(), base);
 
     // A truncated frame, then silence: cut when the Hello is overdue.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let mut bytes = hello(rig.hostile.node_id());
     bytes.truncate(bytes.len() / 2);
     let started = Instant::now();
@@ -395,8 +395,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("truncated frame", peak.finish(), base);
 
     // Unknown versions.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let bytes = encode_frame(&Message::Hello(handshake::hello(
         rig.hostile.node_id(),
         &[99, 1000],
@@ -410,8 +409,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("unknown versions", peak.finish(), base);
 
     // An unknown message type.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let mut bytes = hello(rig.hostile.node_id());
     bytes.extend_from_slice(&[0, 0, 0, 3, 0xee, 0x90, 0x90]);
     let (answer, _) = attack(&rig, bytes).await;
@@ -423,8 +421,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
 
     // Writes through a read-only grant, and announcements of documents it
     // may not write: refused, stored nowhere, counted; the session goes on.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     {
         let (_endpoint, connection) = connect(&rig).await;
         let (mut send, mut recv) = connection.open_bi().await.expect("stream");
@@ -474,8 +471,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("read-only writes", peak.finish(), base);
 
     // A corrupt change with a valid checksum, in a space it may write.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let inbox = DocId::random();
     {
         let mut doc = AutoCommit::new();
@@ -515,8 +511,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("corrupt change", peak.finish(), base);
 
     // A peer that asks for everything and never reads (slowloris).
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     {
         let (_endpoint, connection) = connect(&rig).await;
         let (mut send, _recv) = connection.open_bi().await.expect("stream");
@@ -535,8 +530,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("slowloris", peak.finish(), base);
 
     // A flood of streams: the node serves one; the rest cost it nothing.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     {
         let (_endpoint, connection) = connect(&rig).await;
         let mut opened = 0;
@@ -555,8 +549,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     check!("stream flood", peak.finish(), base);
 
     // Reconnecting in a tight loop: refused past the rate limit.
-    eprintln!("attack #{}", round + 1);
-    let (base, peak) = (rss_kib(), Peak::start());
+    let (base, peak) = begin(round);
     let mut refused = None;
     for _ in 0..60 {
         let (_endpoint, connection) = connect(&rig).await;
@@ -659,24 +652,21 @@ async fn an_impostor_or_a_stranger_is_refused_in_the_handshake_and_learns_nothin
     tx.commit().expect("commit");
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // The trusted identity's certificate, signed for with the stranger's key.
-    let key = provider
-        .key_provider
-        .load_private_key(stranger.private_key())
-        .expect("key");
-    let impostor = rustls::sign::CertifiedKey::new(vec![trusted.certificate()], key);
+    // A certificate presented with the key of `signer`.
+    let presenting = |cert: &Identity, signer: &Identity| {
+        let key = provider
+            .key_provider
+            .load_private_key(signer.private_key())
+            .expect("key");
+        Impostor(Arc::new(rustls::sign::CertifiedKey::new(
+            vec![cert.certificate()],
+            key,
+        )))
+    };
     let configs = [
-        ("impostor", Impostor(Arc::new(impostor))),
-        (
-            "stranger",
-            Impostor(Arc::new(rustls::sign::CertifiedKey::new(
-                vec![stranger.certificate()],
-                provider
-                    .key_provider
-                    .load_private_key(stranger.private_key())
-                    .expect("key"),
-            ))),
-        ),
+        // The trusted identity's certificate, signed for with another key.
+        ("impostor", presenting(&trusted, &stranger)),
+        ("stranger", presenting(&stranger, &stranger)),
     ];
     for (who, resolver) in configs {
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))

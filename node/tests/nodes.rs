@@ -11,6 +11,8 @@ use concord_core::{DEFAULT_SPACE, DocId, Replica};
 use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
+mod support;
+
 struct Spec {
     dir: tempfile::TempDir,
     identity: Identity,
@@ -173,14 +175,6 @@ fn create_in(replica: &Replica, space: &str, value: i64) -> DocId {
     id
 }
 
-/// The number on the metrics line that starts with `prefix`.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_peer_is_a_hot_standby_of_its_spaces_only() {
     use concord_node::{Access, Level};
@@ -207,7 +201,7 @@ async fn a_read_only_peer_is_a_hot_standby_of_its_spaces_only() {
     let b_id = b.node_id().to_string();
     let refused = format!("concord_peer_writes_refused_total{{peer=\"{b_id}\"}}");
     eventually("a counts the refused write", || {
-        metric(&a.metrics_text(), &refused) >= Some(1.0)
+        support::metric(&a.metrics_text(), &refused) >= Some(1.0)
     })
     .await;
     assert_eq!(value(a.replica(), public)["v"], 2);

@@ -920,6 +920,16 @@ impl Session {
         self.events.push_back(Event::WriteRefused { doc, space });
     }
 
+    /// Ends the exchange for `doc`, whose changes came unannounced.
+    fn refuse_unannounced(&mut self, doc: DocId) {
+        self.end_exchange(doc, false);
+        self.refuse_doc(
+            doc,
+            ErrorCode::UnknownDocument,
+            format!("changes for document {doc}, which was never announced"),
+        );
+    }
+
     /// What to tell the peer of a damaged document: the details only if it
     /// may read the document.
     fn damage_report<S: SyncStore>(
@@ -1279,12 +1289,7 @@ impl Session {
                 }
                 None if message.changes.is_empty() => (None, String::new()),
                 None => {
-                    self.end_exchange(doc, false);
-                    self.refuse_doc(
-                        doc,
-                        ErrorCode::UnknownDocument,
-                        format!("changes for document {doc}, which was never announced"),
-                    );
+                    self.refuse_unannounced(doc);
                     return Ok(());
                 }
             },
@@ -1334,27 +1339,24 @@ impl Session {
             })
             .map(|c| c.raw_bytes().to_vec())
             .collect();
-        // Let go of the stored copy: the store then takes its cached
-        // document to apply the changes to without copying it.
-        drop(ours);
         let readable = valid_space(&space) && self.config.access.can_read(&space);
         let mut refused_write = false;
-        if !new_changes.is_empty() && valid_space(&space) && !self.config.access.can_write(&space) {
+        let stored = if new_changes.is_empty() {
+            ours
+        } else if valid_space(&space) && !self.config.access.can_write(&space) {
             // A peer that may read but not write: store nothing of it, but
             // answer the rest of its message (it still receives our
             // changes), then refuse.
             refused_write = true;
             message.changes = Vec::<Vec<u8>>::new().into();
-        } else if !new_changes.is_empty() {
-            if !valid_space(&space) {
-                self.end_exchange(doc, false);
-                self.refuse_doc(
-                    doc,
-                    ErrorCode::UnknownDocument,
-                    format!("changes for document {doc}, which was never announced"),
-                );
-                return Ok(());
-            }
+            ours
+        } else if !valid_space(&space) {
+            self.refuse_unannounced(doc);
+            return Ok(());
+        } else {
+            // Let go of the stored copy: the store then takes its cached
+            // document to apply the changes to without copying it.
+            drop(ours);
             let count = new_changes.len();
             let incoming = Incoming {
                 id: doc,
@@ -1382,21 +1384,21 @@ impl Session {
                 doc,
                 changes: count,
             });
-        }
-        // Then the message, for the sync state, on a copy of what is stored
-        // now (its changes are there already, or wait in the store for
-        // their dependencies): automerge may panic or fail half-way, leaving
-        // the document or the state damaged.
-        let stored = match store.document(doc) {
-            Ok(d) => d,
-            Err(DocError::Storage(e)) => return Err(e.into()),
-            Err(e) => {
-                self.end_exchange(doc, false);
-                let reason = self.damage_report(store, doc, &e)?;
-                self.refuse_doc(doc, ErrorCode::DocumentCorrupt, reason);
-                return Ok(());
+            // What is stored now (the changes, or those of them that wait
+            // in the store for their dependencies).
+            match store.document(doc) {
+                Ok(d) => d,
+                Err(DocError::Storage(e)) => return Err(e.into()),
+                Err(e) => {
+                    self.end_exchange(doc, false);
+                    let reason = self.damage_report(store, doc, &e)?;
+                    self.refuse_doc(doc, ErrorCode::DocumentCorrupt, reason);
+                    return Ok(());
+                }
             }
         };
+        // Then the message, for the sync state, on a copy: automerge may
+        // panic or fail half-way, leaving the document or the state damaged.
         let mut working = if readable {
             working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?
         } else if valid_space(&space) && self.config.access.can_write(&space) {

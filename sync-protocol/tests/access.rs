@@ -165,7 +165,7 @@ fn a_peer_sees_only_its_read_scope_and_writes_only_its_write_scope() {
     let b_change = *hashes(&b, public).last().expect("b's change");
     let second = run(&a, &b, &access);
     assert!(refused(&second, public), "no WriteRefused event");
-    assert!(second.writes_refused >= 1);
+    assert_eq!(second.writes_refused, 1, "one document, reported once");
     assert_eq!(value(&a, public), Some(1));
     assert!(
         !hashes(&a, public).contains(&b_change),
@@ -316,18 +316,26 @@ fn a_write_only_peers_live_writes_cost_what_they_carry() {
     let inbox = create(&b, "inbox", 0);
     at_b.handle_feed(&b, NOW);
     pump(&mut at_a, &mut at_b);
+    // A writes to it too: B may not see that, and must not be made to
+    // resend its history because of it.
+    set(&a, inbox, -1);
+    at_a.handle_feed(&a, NOW);
+    pump(&mut at_a, &mut at_b);
     let mut costs = Vec::new();
     for v in 1..=200 {
         set(&b, inbox, v);
         at_b.handle_feed(&b, NOW);
         costs.push(pump(&mut at_a, &mut at_b));
-        assert_eq!(value(&a, inbox), Some(v));
+        assert!(hashes(&a, inbox).contains(hashes(&b, inbox).last().expect("b's write")));
     }
     assert!(!at_a.is_closed() && !at_b.is_closed());
     let early: usize = costs[..20].iter().sum::<usize>() / 20;
     let late: usize = costs[180..].iter().sum::<usize>() / 20;
+    // Measured: 731 bytes a write at first, 1,256 after 180 writes.
+    // Answering from an empty document instead of the peer's own history
+    // made it 1,002 and 2,067 (the peer resends what it thinks we lack).
     assert!(
-        late < early * 2 + 200,
+        early < 900 && late < 1_600,
         "a write costs {late} bytes after 180 writes, {early} at first"
     );
 }

@@ -161,3 +161,12 @@ pub fn http(
         .ok()?;
     Some((status, bytes))
 }
+
+/// The number on the metrics line (OpenMetrics text) that starts with
+/// `prefix`.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
