@@ -1,5 +1,6 @@
 //! [`Snapshot`]: a consistent read view of the whole replica.
 
+use std::ops::Bound;
 use std::sync::Arc;
 
 use redb::{ReadableTable, ReadableTableMetadata};
@@ -10,6 +11,9 @@ use crate::feed::{FeedEntry, FeedPage};
 use crate::replica::Shared;
 use crate::store::{self, DocRow};
 use crate::{DocId, Heads, NodeId};
+
+/// A change-feed key: (commit sequence number, document id).
+type FeedKey = (u64, [u8; 16]);
 
 /// A read view of the whole replica as of one commit. Every read through it
 /// sees the same state, whatever commits after it began; it never blocks a
@@ -156,14 +160,53 @@ impl Snapshot {
     /// every entry of each sequence number it reaches (one commit may change
     /// many documents), so it may exceed `limit`; pages never leave a gap.
     pub fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError> {
+        match since.checked_add(1) {
+            Some(first) => self.page(Bound::Included((first, [0u8; 16])), limit, since),
+            None => Ok(FeedPage {
+                entries: Vec::new(),
+                up_to: since,
+            }),
+        }
+    }
+
+    /// As [`Self::feed_page`], resuming inside commit `seq` after document
+    /// `after` (entries of one commit come in document id order): for a
+    /// reader that took only part of a large commit. The page's entries of
+    /// commit `seq` are those after `after`; the page completes its last
+    /// commit as `feed_page` does.
+    pub fn feed_page_after(
+        &self,
+        seq: u64,
+        after: DocId,
+        limit: usize,
+    ) -> Result<FeedPage, StorageError> {
+        self.page(
+            Bound::Excluded((seq, *after.as_bytes())),
+            limit,
+            seq.saturating_sub(1),
+        )
+    }
+
+    /// About `limit` entries from `start`, completing the last commit
+    /// reached; `since` is what the page covers when it holds nothing.
+    fn page(
+        &self,
+        start: Bound<FeedKey>,
+        limit: usize,
+        since: u64,
+    ) -> Result<FeedPage, StorageError> {
         let limit = limit.max(1);
-        let mut entries = self.changes_since(since, limit)?;
+        let mut entries = self.entries_in((start, Bound::Unbounded), limit)?;
         let up_to = match entries.last() {
             Some(last) if entries.len() >= limit => {
                 let seq = last.seq;
-                // Complete the last commit's entries: read its whole group.
-                entries.retain(|e| e.seq != seq);
-                entries.extend(self.entries_between(seq, seq, usize::MAX)?);
+                // Complete the last commit's entries: read the rest of its
+                // group.
+                let rest = (
+                    Bound::Excluded((seq, *last.id.as_bytes())),
+                    Bound::Included((seq, [0xffu8; 16])),
+                );
+                entries.extend(self.entries_in(rest, usize::MAX)?);
                 seq
             }
             _ => self.seq()?.max(since),
@@ -176,25 +219,25 @@ impl Snapshot {
     /// Costs O(entries returned): the feed keeps one entry per document.
     pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StorageError> {
         match since.checked_add(1) {
-            Some(first) => self.entries_between(first, u64::MAX, limit),
+            Some(first) => self.entries_in(
+                (Bound::Included((first, [0u8; 16])), Bound::Unbounded),
+                limit,
+            ),
             None => Ok(Vec::new()),
         }
     }
 
-    /// Up to `limit` feed entries with sequence numbers in `first..=last`.
-    fn entries_between(
+    /// Up to `limit` feed entries with keys (sequence number, document) in
+    /// `range`, in key order.
+    fn entries_in(
         &self,
-        first: u64,
-        last: u64,
+        range: (Bound<FeedKey>, Bound<FeedKey>),
         limit: usize,
     ) -> Result<Vec<FeedEntry>, StorageError> {
         let feed = self.read.open_table(store::FEED)?;
         let docs = self.read.open_table(store::DOCS)?;
         let mut out = Vec::new();
-        for entry in feed
-            .range((first, [0u8; 16])..=(last, [0xffu8; 16]))?
-            .take(limit)
-        {
+        for entry in feed.range::<FeedKey>(range)?.take(limit) {
             let (key, holder) = entry?;
             let (seq, raw_id) = key.value();
             let known_to = <[u8; 32]>::try_from(holder.value())

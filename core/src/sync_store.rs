@@ -17,6 +17,15 @@ pub trait SyncStore {
     /// [`crate::Snapshot::feed_page`]).
     fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError>;
 
+    /// A page resuming inside commit `seq` after document `after` (see
+    /// [`crate::Snapshot::feed_page_after`]).
+    fn feed_page_after(
+        &self,
+        seq: u64,
+        after: DocId,
+        limit: usize,
+    ) -> Result<FeedPage, StorageError>;
+
     /// The document as last committed, `None` if the replica does not have it.
     fn document(&self, id: DocId) -> Result<Option<Document>, DocError>;
 
@@ -50,6 +59,15 @@ pub trait SyncStore {
 impl SyncStore for Replica {
     fn feed_page(&self, since: u64, limit: usize) -> Result<FeedPage, StorageError> {
         self.read()?.feed_page(since, limit)
+    }
+
+    fn feed_page_after(
+        &self,
+        seq: u64,
+        after: DocId,
+        limit: usize,
+    ) -> Result<FeedPage, StorageError> {
+        self.read()?.feed_page_after(seq, after, limit)
     }
 
     fn document(&self, id: DocId) -> Result<Option<Document>, DocError> {

@@ -175,3 +175,33 @@ fn a_feed_page_never_splits_one_commit() {
     assert_eq!(next.entries.len(), 1);
     assert_eq!(next.up_to, 2);
 }
+
+#[test]
+fn a_page_resumes_inside_a_commit_after_a_document() {
+    let replica = Replica::in_memory().expect("open");
+    let mut tx = replica.begin().expect("begin");
+    for i in 0..5 {
+        tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "k", i))
+            .expect("create");
+    }
+    tx.commit().expect("commit");
+    let later = create(&replica, "k", 9);
+    let whole = replica.feed_page(0, 10).expect("page").entries;
+    assert_eq!(whole.len(), 6);
+    // Taken up to the second document of commit 1: the rest of that
+    // commit, in id order, then what follows.
+    let rest = replica.feed_page_after(1, whole[1].id, 2).expect("page");
+    let ids: Vec<DocId> = rest.entries.iter().map(|e| e.id).collect();
+    assert_eq!(ids, [whole[2].id, whole[3].id, whole[4].id]);
+    assert_eq!(rest.up_to, 1);
+    let rest = replica.feed_page_after(1, whole[1].id, 10).expect("page");
+    assert_eq!(rest.entries.len(), 4);
+    assert_eq!(rest.entries[3].id, later);
+    assert_eq!(rest.up_to, 2);
+    // After the commit's last document: only what follows.
+    let rest = replica.feed_page_after(1, whole[4].id, 10).expect("page");
+    assert_eq!(
+        rest.entries.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [later]
+    );
+}

@@ -1,5 +1,5 @@
-//! Workloads W1, W1hot, W2 and W3 (BENCHMARKS.md): bulk writes on A,
-//! replicated live to B, a separate OS process running its own node.
+//! Workloads W1, W1hot, W2, W3, W3cold and W5 (BENCHMARKS.md): bulk writes
+//! on A, replicated live to B, a separate OS process running its own node.
 //!
 //! - W1: one document, then `--changes` (10,000) changes; change i sets
 //!   `k<i>` to i.
@@ -8,18 +8,26 @@
 //!   given 10 changes (`k<c>` = c).
 //! - W3: W2 until B has everything; then A goes offline, A changes documents
 //!   0–9 and B documents 10–19 once each, and A goes online: `a_has_b_ms`,
-//!   `b_has_a_ms` and the bytes both ways count from that moment.
+//!   `b_has_a_ms`, bytes and messages both ways count from that moment.
+//! - W3cold: as W3, but once B has everything both processes stop and start
+//!   again from their stores, A offline; peak RSS and CPU are then the
+//!   restarted processes' (A's peak is reset at the restart).
+//! - W5: as W3 over 100 × `--docs` (100,000) documents of one change each,
+//!   created 1,000 to a commit.
 //!
-//! Every write is its own durable commit. B is told the heads A ends with
-//! and notes, from its commit subscription (not by polling), when its
-//! replica holds every document at those heads. Prints one JSON line per
-//! workload: `local_ms` (A's writes done), `converge_ms` (B has all, from
-//! A's first write), `sync_after_local_ms` (B has all, after A's last
-//! write), bytes both ways (UDP payload of the QUIC connection), peak RSS
-//! and CPU seconds of each process. `--runs N` prints medians.
+//! Every write is its own durable commit (but W5's setup). B is told the
+//! heads A ends with and notes, from its commit subscription (not by
+//! polling), when its replica holds every document at those heads. Prints
+//! one JSON line per workload: `local_ms` (A's writes done), `converge_ms`
+//! (B has all, from A's first write), `sync_after_local_ms` (B has all,
+//! after A's last write), bytes both ways (UDP payload of the QUIC
+//! connection), peak RSS and CPU seconds of each process; the reconnecting
+//! workloads report from A going online, with the setup's figures under
+//! `setup`. `--runs N` prints medians. `RUST_LOG` logs both processes to
+//! stderr.
 //!
 //! ```sh
-//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|W3|all] [--changes N] [--docs N] [--runs N]
+//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|W3|W3cold|W5|all] [--changes N] [--docs N] [--runs N]
 //! ```
 
 use std::collections::HashMap;
@@ -152,7 +160,25 @@ enum Workload {
     W2,
     /// W2, then reconnect after offline edits on both sides (warm).
     W3,
+    /// W3 with both processes restarted from their stores before the
+    /// offline edits.
+    W3Cold,
+    /// W3 over 100 times as many documents of one change each.
+    W5,
 }
+
+const WORKLOADS: [Workload; 6] = [
+    Workload::W1,
+    Workload::W1Hot,
+    Workload::W2,
+    Workload::W3,
+    Workload::W3Cold,
+    Workload::W5,
+];
+
+/// Documents created per commit in W5's setup (BENCHMARKS.md: "setup may
+/// batch writes").
+const W5_BATCH: u64 = 1_000;
 
 impl Workload {
     fn name(self) -> &'static str {
@@ -161,6 +187,22 @@ impl Workload {
             Self::W1Hot => "W1hot",
             Self::W2 => "W2",
             Self::W3 => "W3",
+            Self::W3Cold => "W3cold",
+            Self::W5 => "W5",
+        }
+    }
+
+    /// Whether A goes offline, both edit, and A comes back.
+    fn reconnects(self) -> bool {
+        matches!(self, Self::W3 | Self::W3Cold | Self::W5)
+    }
+
+    /// Documents and changes A writes, given the flags.
+    fn size(self, changes: u64, docs: u64) -> (u64, u64) {
+        match self {
+            Self::W1 | Self::W1Hot => (1, changes + 1),
+            Self::W2 | Self::W3 | Self::W3Cold => (docs, docs * 11),
+            Self::W5 => (docs * 100, docs * 100),
         }
     }
 }
@@ -197,7 +239,7 @@ fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<
             }
             vec![doc]
         }
-        Workload::W2 | Workload::W3 => (0..docs)
+        Workload::W2 | Workload::W3 | Workload::W3Cold => (0..docs)
             .map(|_| {
                 let doc = create(replica);
                 for c in 0..10 {
@@ -206,16 +248,146 @@ fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<
                 doc
             })
             .collect(),
+        Workload::W5 => {
+            // Documents of one change each (`k` = its number), a batch of
+            // them per commit.
+            let total = docs * 100;
+            let mut written = Vec::with_capacity(total as usize);
+            for first in (0..total).step_by(W5_BATCH as usize) {
+                let mut tx = replica.begin().expect("begin");
+                for i in first..(first + W5_BATCH).min(total) {
+                    let (doc, _) = tx
+                        .create(DEFAULT_SPACE, |d| d.put(ROOT, "k", i as i64))
+                        .expect("create");
+                    written.push(doc);
+                }
+                tx.commit().expect("commit");
+            }
+            written
+        }
     }
 }
 
-/// W3: from A going online again.
+/// Process B, driven through its stdin and stdout.
+struct ProcessB {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+    addr: SocketAddr,
+}
+
+impl ProcessB {
+    /// Starts B on `dir`, trusting `a`, and waits until it listens.
+    fn spawn(dir: &std::path::Path, a: NodeId) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("exe"))
+            .env(ROLE, "b")
+            .env("CONCORD_BULK_DIR", dir)
+            .env("CONCORD_BULK_PEER", a.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn b");
+        let (lines_tx, lines) = mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("b stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take().expect("b stdin");
+        let addr = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("B said nothing")
+            .strip_prefix("ADDR ")
+            .expect("ADDR line")
+            .parse()
+            .expect("b address");
+        Self {
+            child,
+            stdin,
+            lines,
+            addr,
+        }
+    }
+
+    fn tell(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("tell b");
+        self.stdin.flush().expect("flush");
+    }
+
+    /// B's next line, waiting off the async reactor.
+    fn line(&self) -> String {
+        tokio::task::block_in_place(|| self.lines.recv_timeout(Duration::from_secs(660)))
+            .expect("B answers")
+    }
+
+    /// Tells B the heads `replica` holds of `docs`, then waits for it to
+    /// have them all: when it did, by the shared clock.
+    fn want_all(&mut self, replica: &Replica, docs: &[DocId]) -> u128 {
+        {
+            let snapshot = replica.read().expect("read");
+            let mut out = std::io::BufWriter::new(&mut self.stdin);
+            for doc in docs {
+                let heads = snapshot.get(*doc).expect("doc").heads().clone();
+                writeln!(out, "WANT {doc} {heads}").expect("tell b");
+            }
+            writeln!(out, "GO").expect("tell b");
+            out.flush().expect("flush");
+        }
+        self.stdin.flush().expect("flush");
+        self.done_at()
+    }
+
+    fn done_at(&self) -> u128 {
+        loop {
+            let l = self.line();
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            match parts.as_slice() {
+                ["DONE", at] => break at.parse::<u128>().expect("time"),
+                ["MISSING", n] => panic!("B never got {n} documents"),
+                _ => {}
+            }
+        }
+    }
+
+    /// B changes `doc` (a durable commit); its heads after.
+    fn edit(&mut self, doc: DocId) -> Heads {
+        self.tell(&format!("EDIT {doc}"));
+        let l = self.line();
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        match parts.as_slice() {
+            ["HEADS", d, heads] if *d == doc.to_string() => heads.parse().expect("heads"),
+            other => panic!("B answered {other:?}"),
+        }
+    }
+
+    /// Stops B: its peak RSS (KiB) and CPU seconds.
+    fn end(mut self) -> (f64, f64) {
+        self.tell("END");
+        let usage = loop {
+            let l = self.line();
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            if let ["RSS", rss, "CPU", cpu] = parts.as_slice() {
+                break (rss.parse().unwrap_or(0.0), cpu.parse().unwrap_or(0.0));
+            }
+        };
+        let _ = self.child.wait();
+        usage
+    }
+}
+
+/// W3, W3cold and W5: from A going online again.
 #[derive(Debug, Clone, Copy, Default)]
 struct Reconnect {
     a_has_b_ms: f64,
     b_has_a_ms: f64,
     bytes_a_to_b: f64,
     bytes_b_to_a: f64,
+    messages_a_to_b: f64,
+    messages_b_to_a: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -232,10 +404,79 @@ struct Figures {
     cpu_b: f64,
 }
 
+async fn start_a(dir: &std::path::Path, b: NodeId, b_addr: SocketAddr, offline: bool) -> Node {
+    let mut config = NodeConfig::new(dir, "127.0.0.1:0".parse().expect("addr"));
+    config.peers = vec![PeerConfig::new(b, Some(b_addr))];
+    config.offline = offline;
+    Node::start(config).await.expect("start a")
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A is offline: A changes documents 0–9 and B documents 10–19 once each,
+/// then A goes online; how long until each has the other's edits, and what
+/// crossed the connection meanwhile.
+async fn reconnect(a: &Node, b: &mut ProcessB, b_id: NodeId, written: &[DocId]) -> Reconnect {
+    let b_heads: HashMap<DocId, Heads> = written[10..20]
+        .iter()
+        .map(|doc| (*doc, b.edit(*doc)))
+        .collect();
+    for doc in &written[..10] {
+        set(a.replica(), *doc, "edited_on_a", 1);
+    }
+    {
+        let snapshot = a.replica().read().expect("read");
+        for doc in &written[..10] {
+            let heads = snapshot.get(*doc).expect("doc").heads().clone();
+            b.tell(&format!("WANT {doc} {heads}"));
+        }
+    }
+    b.tell("GO");
+    let peer = |a: &Node| {
+        a.status()
+            .peers
+            .into_iter()
+            .find(|p| p.node_id == b_id)
+            .expect("peer status")
+    };
+    let before = peer(a);
+    let subscription = a.replica().subscribe(1 << 12);
+    let online_at = nanos();
+    a.set_online(true);
+    let replica = a.replica().clone();
+    let missing =
+        tokio::task::spawn_blocking(move || await_heads(&replica, &subscription, b_heads))
+            .await
+            .expect("wait");
+    assert_eq!(missing, 0, "A never got B's offline edits");
+    let a_has_b = nanos();
+    let b_has_a = b.done_at();
+    // Let the exchange finish (the last answers), so the bytes and
+    // messages are the whole reconnection's.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = peer(a);
+    let ms = |at: u128| at.saturating_sub(online_at) as f64 / 1e6;
+    Reconnect {
+        a_has_b_ms: ms(a_has_b),
+        b_has_a_ms: ms(b_has_a),
+        bytes_a_to_b: (after.bytes_sent - before.bytes_sent) as f64,
+        bytes_b_to_a: (after.bytes_received - before.bytes_received) as f64,
+        messages_a_to_b: (after.messages_sent - before.messages_sent) as f64,
+        messages_b_to_a: (after.messages_received - before.messages_received) as f64,
+    }
+}
+
 fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
     assert!(
-        workload != Workload::W3 || docs >= 20,
-        "W3 edits documents 0-19: --docs must be at least 20"
+        !workload.reconnects() || docs >= 20,
+        "{} edits documents 0-19: --docs must be at least 20",
+        workload.name()
     );
     // A is this process: reset its peak RSS (Linux: 5 to clear_refs) and
     // count CPU from here, so each run reports its own.
@@ -245,175 +486,67 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     let a_identity = Identity::create_in(&a_dir).expect("a identity");
     let b_identity = Identity::create_in(&b_dir).expect("b identity");
-    let mut b = Command::new(std::env::current_exe().expect("exe"))
-        .env(ROLE, "b")
-        .env("CONCORD_BULK_DIR", &b_dir)
-        .env("CONCORD_BULK_PEER", a_identity.node_id().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn b");
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    let stdout = b.stdout.take().expect("b stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let next = |within: Duration| lines.recv_timeout(within).expect("B said nothing");
-    let b_addr: SocketAddr = next(Duration::from_secs(30))
-        .strip_prefix("ADDR ")
-        .expect("ADDR line")
-        .parse()
-        .expect("b address");
+    let b_id = b_identity.node_id();
+    let mut b = ProcessB::spawn(&b_dir, a_identity.node_id());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let figures = runtime.block_on(async {
-        let mut config = NodeConfig::new(&a_dir, "127.0.0.1:0".parse().expect("addr"));
-        config.peers = vec![PeerConfig::new(b_identity.node_id(), Some(b_addr))];
-        let a = Node::start(config).await.expect("start a");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !a.is_connected(&b_identity.node_id()) {
-            assert!(Instant::now() < deadline, "A never connected to B");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    runtime.block_on(async {
+        let mut a = start_a(&a_dir, b_id, b.addr, false).await;
+        until("A connected to B", || a.is_connected(&b_id)).await;
         let replica = a.replica().clone();
         let started = nanos();
         let written = tokio::task::spawn_blocking(move || write(&replica, workload, changes, docs))
             .await
             .expect("writes");
         let local_done = nanos();
-        let mut stdin = b.stdin.take().expect("b stdin");
-        {
-            let snapshot = a.replica().read().expect("read");
-            for doc in &written {
-                let heads = snapshot.get(*doc).expect("doc").heads().clone();
-                writeln!(stdin, "WANT {doc} {heads}").expect("tell b");
-            }
-        }
-        writeln!(stdin, "GO").expect("tell b");
-        stdin.flush().expect("flush");
-        let line = || {
-            tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(660)))
-                .expect("B answers")
-        };
-        let done_at = |line: &dyn Fn() -> String| loop {
-            let l = line();
-            let parts: Vec<&str> = l.split_whitespace().collect();
-            match parts.as_slice() {
-                ["DONE", at] => break at.parse::<u128>().expect("time"),
-                ["MISSING", n] => panic!("B never got {n} documents"),
-                _ => {}
-            }
-        };
-        let done = done_at(&line);
+        let done = b.want_all(a.replica(), &written);
         let peer = a.status().peers.first().cloned().expect("peer status");
-        let mut reconnect = None;
-        if workload == Workload::W3 {
-            // Offline: A edits documents 0–9, B edits 10–19.
-            let b_id = b_identity.node_id();
-            a.set_online(false);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while a.is_connected(&b_id) {
-                assert!(Instant::now() < deadline, "A never went offline");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let mut b_heads = HashMap::new();
-            for doc in &written[10..20] {
-                writeln!(stdin, "EDIT {doc}").expect("tell b");
-                stdin.flush().expect("flush");
-                let l = line();
-                let parts: Vec<&str> = l.split_whitespace().collect();
-                match parts.as_slice() {
-                    ["HEADS", d, heads] if *d == doc.to_string() => {
-                        b_heads.insert(*doc, heads.parse::<Heads>().expect("heads"));
-                    }
-                    other => panic!("B answered {other:?}"),
-                }
-            }
-            for doc in &written[..10] {
-                set(a.replica(), *doc, "edited_on_a", 1);
-                let heads = a
-                    .replica()
-                    .read()
-                    .expect("read")
-                    .get(*doc)
-                    .expect("doc")
-                    .heads()
-                    .clone();
-                writeln!(stdin, "WANT {doc} {heads}").expect("tell b");
-            }
-            writeln!(stdin, "GO").expect("tell b");
-            stdin.flush().expect("flush");
-            let before = a.status().peers.first().cloned().expect("peer status");
-            let subscription = a.replica().subscribe(1 << 12);
-            let online_at = nanos();
-            a.set_online(true);
-            let replica = a.replica().clone();
-            let missing =
-                tokio::task::spawn_blocking(move || await_heads(&replica, &subscription, b_heads))
-                    .await
-                    .expect("wait");
-            assert_eq!(missing, 0, "A never got B's offline edits");
-            let a_has_b = nanos();
-            let b_has_a = done_at(&line);
-            let after = a.status().peers.first().cloned().expect("peer status");
-            reconnect = Some(Reconnect {
-                a_has_b_ms: a_has_b.saturating_sub(online_at) as f64 / 1e6,
-                b_has_a_ms: b_has_a.saturating_sub(online_at) as f64 / 1e6,
-                bytes_a_to_b: after.bytes_sent.saturating_sub(before.bytes_sent) as f64,
-                bytes_b_to_a: after.bytes_received.saturating_sub(before.bytes_received) as f64,
-            });
-        }
-        writeln!(stdin, "END").expect("tell b");
-        stdin.flush().expect("flush");
-        let b_usage = loop {
-            let l = line();
-            let parts: Vec<&str> = l.split_whitespace().collect();
-            if let ["RSS", rss, "CPU", cpu] = parts.as_slice() {
-                break (rss.parse().unwrap_or(0.0), cpu.parse().unwrap_or(0.0));
-            }
-        };
-        let figures = Figures {
+        let mut figures = Figures {
             local_ms: (local_done - started) as f64 / 1e6,
             converge_ms: done.saturating_sub(started) as f64 / 1e6,
             sync_after_local_ms: done.saturating_sub(local_done) as f64 / 1e6,
             bytes_a_to_b: peer.bytes_sent as f64,
             bytes_b_to_a: peer.bytes_received as f64,
-            rss_a_kib: peak_rss_kib().unwrap_or(0) as f64,
-            rss_b_kib: b_usage.0,
-            cpu_a: cpu_seconds().unwrap_or(0.0) - cpu_before,
-            cpu_b: b_usage.1,
-            reconnect,
+            ..Figures::default()
         };
+        if workload.reconnects() {
+            a.set_online(false);
+            until("A offline", || !a.is_connected(&b_id)).await;
+            if workload == Workload::W3Cold {
+                // Both stop and start again from their stores, A offline;
+                // the figures are then the restarted processes'.
+                a.shutdown().await;
+                let _ = b.end();
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+                b = ProcessB::spawn(&b_dir, a_identity.node_id());
+                a = start_a(&a_dir, b_id, b.addr, true).await;
+            }
+            figures.reconnect = Some(reconnect(&a, &mut b, b_id, &written).await);
+        }
         a.shutdown().await;
+        figures.rss_a_kib = peak_rss_kib().unwrap_or(0) as f64;
+        figures.cpu_a = cpu_seconds().unwrap_or(0.0) - cpu_before;
+        (figures.rss_b_kib, figures.cpu_b) = b.end();
         figures
-    });
-    let _ = b.wait();
-    figures
-}
-
-fn m_reconnect(all: &[Figures], f: fn(&Reconnect) -> f64) -> f64 {
-    let v = median(
-        all.iter()
-            .filter_map(|x| x.reconnect.as_ref())
-            .map(f)
-            .collect(),
-    );
-    (v * 1000.0).round() / 1000.0
+    })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let m = values[values.len() / 2];
+    (m * 1000.0).round() / 1000.0
 }
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Both processes log to stderr, as `concord run` would.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if std::env::var_os(ROLE).is_some() {
         return role_b();
     }
@@ -425,71 +558,86 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1);
-    let workloads = match arg("--workload").as_deref() {
-        Some("W1") => vec![Workload::W1],
-        Some("W1hot") => vec![Workload::W1Hot],
-        Some("W2") => vec![Workload::W2],
-        Some("W3") => vec![Workload::W3],
+    let workload = match arg("--workload").as_deref() {
         None | Some("all") => {
             // One process per workload, so A's peak RSS and CPU are its own.
             let mut args: Vec<String> = std::env::args().skip(1).collect();
             if let Some(i) = args.iter().position(|a| a == "--workload") {
                 args.drain(i..(i + 2).min(args.len()));
             }
-            for name in ["W1", "W1hot", "W2", "W3"] {
+            for workload in WORKLOADS {
                 let status = Command::new(std::env::current_exe().expect("exe"))
                     .args(&args)
-                    .args(["--workload", name])
+                    .args(["--workload", workload.name()])
                     .status()
                     .expect("run a workload");
-                assert!(status.success(), "workload {name} failed");
+                assert!(status.success(), "workload {} failed", workload.name());
             }
             return;
         }
-        Some(other) => panic!("unknown workload {other:?}: W1, W1hot, W2, W3 or all"),
+        Some(name) => WORKLOADS
+            .into_iter()
+            .find(|w| w.name() == name)
+            .unwrap_or_else(|| {
+                panic!("unknown workload {name:?}: W1, W1hot, W2, W3, W3cold, W5 or all")
+            }),
     };
-    for workload in workloads {
-        // Fresh stores and a fresh B each run.
-        let all: Vec<Figures> = (0..runs).map(|_| run(workload, changes, docs)).collect();
-        let m = |f: fn(&Figures) -> f64| {
-            let v = median(all.iter().map(f).collect());
-            (v * 1000.0).round() / 1000.0
+    // Fresh stores and a fresh B each run.
+    let all: Vec<Figures> = (0..runs).map(|_| run(workload, changes, docs)).collect();
+    let m = |f: fn(&Figures) -> f64| median(all.iter().map(f).collect());
+    let (documents, changes) = workload.size(changes, docs);
+    let peak_rss_kib = serde_json::json!({ "a": m(|f| f.rss_a_kib), "b": m(|f| f.rss_b_kib) });
+    let cpu_seconds = serde_json::json!({ "a": m(|f| f.cpu_a), "b": m(|f| f.cpu_b) });
+    let durable = "every write its own commit, both sides (redb two-phase commit, fsync)";
+    let report = if workload.reconnects() {
+        // The figures count from A going online; the setup's are under
+        // "setup".
+        let r = |f: fn(&Reconnect) -> f64| {
+            median(
+                all.iter()
+                    .filter_map(|x| x.reconnect.as_ref())
+                    .map(f)
+                    .collect(),
+            )
         };
-        let bulk = matches!(workload, Workload::W2 | Workload::W3);
-        let mut report = serde_json::json!({
+        serde_json::json!({
             "workload": workload.name(),
             "runs": runs,
-            "changes": if bulk { docs * 11 } else { changes + 1 },
-            "documents": if bulk { docs } else { 1 },
+            "documents": documents,
+            "offline_edits": { "a": 10, "b": 10 },
+            "a_has_b_ms": r(|x| x.a_has_b_ms),
+            "b_has_a_ms": r(|x| x.b_has_a_ms),
+            "converge_ms": r(|x| x.a_has_b_ms.max(x.b_has_a_ms)),
+            "bytes_a_to_b": r(|x| x.bytes_a_to_b),
+            "bytes_b_to_a": r(|x| x.bytes_b_to_a),
+            "messages_a_to_b": r(|x| x.messages_a_to_b),
+            "messages_b_to_a": r(|x| x.messages_b_to_a),
+            "peak_rss_kib": peak_rss_kib,
+            "cpu_seconds": cpu_seconds,
+            "restarted": workload == Workload::W3Cold,
+            "setup": {
+                "changes": changes,
+                "local_ms": m(|f| f.local_ms),
+                "converge_ms": m(|f| f.converge_ms),
+                "bytes_a_to_b": m(|f| f.bytes_a_to_b),
+            },
+            "durable_commits": durable,
+        })
+    } else {
+        serde_json::json!({
+            "workload": workload.name(),
+            "runs": runs,
+            "changes": changes,
+            "documents": documents,
             "local_ms": m(|f| f.local_ms),
             "converge_ms": m(|f| f.converge_ms),
             "sync_after_local_ms": m(|f| f.sync_after_local_ms),
             "bytes_a_to_b": m(|f| f.bytes_a_to_b),
             "bytes_b_to_a": m(|f| f.bytes_b_to_a),
-            "peak_rss_kib": { "a": m(|f| f.rss_a_kib), "b": m(|f| f.rss_b_kib) },
-            "cpu_seconds": { "a": m(|f| f.cpu_a), "b": m(|f| f.cpu_b) },
-            "durable_commits": "every write its own commit, both sides (redb two-phase commit, fsync)",
-        });
-        if workload == Workload::W3 {
-            // The W3 figures count from A going online; the W2 setup's are
-            // under "setup".
-            let r = |f: fn(&Reconnect) -> f64| m_reconnect(&all, f);
-            let setup = report.clone();
-            report = serde_json::json!({
-                "workload": "W3",
-                "runs": runs,
-                "documents": docs,
-                "offline_edits": { "a": 10, "b": 10 },
-                "a_has_b_ms": r(|x| x.a_has_b_ms),
-                "b_has_a_ms": r(|x| x.b_has_a_ms),
-                "converge_ms": r(|x| x.a_has_b_ms.max(x.b_has_a_ms)),
-                "bytes_a_to_b": r(|x| x.bytes_a_to_b),
-                "bytes_b_to_a": r(|x| x.bytes_b_to_a),
-                "peak_rss_kib": setup["peak_rss_kib"].clone(),
-                "cpu_seconds": setup["cpu_seconds"].clone(),
-                "setup": { "local_ms": setup["local_ms"].clone(), "converge_ms": setup["converge_ms"].clone() },
-            });
-        }
-        println!("{report}");
-    }
+            "peak_rss_kib": peak_rss_kib,
+            "cpu_seconds": cpu_seconds,
+            "durable_commits": durable,
+        })
+    };
+    println!("{report}");
 }

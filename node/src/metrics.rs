@@ -123,6 +123,8 @@ impl Metrics {
         let peer_up: Family<PeerLabel, Gauge> = Family::default();
         let sent: Family<PeerLabel, Counter> = Family::default();
         let received: Family<PeerLabel, Counter> = Family::default();
+        let messages_sent: Family<PeerLabel, Counter> = Family::default();
+        let messages_received: Family<PeerLabel, Counter> = Family::default();
         let last_sync: Family<PeerLabel, Gauge> = Family::default();
         let lag: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
         let now = SystemTime::now()
@@ -136,6 +138,10 @@ impl Metrics {
             }
             sent.get_or_create(&l).inc_by(peer.bytes_sent);
             received.get_or_create(&l).inc_by(peer.bytes_received);
+            messages_sent.get_or_create(&l).inc_by(peer.messages_sent);
+            messages_received
+                .get_or_create(&l)
+                .inc_by(peer.messages_received);
             if let Some(at) = peer.last_sync {
                 last_sync.get_or_create(&l).set(saturate(at));
                 lag.get_or_create(&l).set(now.saturating_sub(at) as f64);
@@ -156,6 +162,16 @@ impl Metrics {
             "peer_received_bytes",
             "UDP payload bytes received from the peer over the node's life",
             received,
+        );
+        registry.register(
+            "peer_sent_messages",
+            "Protocol frames sent to the peer over the node's life",
+            messages_sent,
+        );
+        registry.register(
+            "peer_received_messages",
+            "Protocol frames received from the peer over the node's life",
+            messages_received,
         );
         registry.register(
             "peer_last_sync_timestamp_seconds",

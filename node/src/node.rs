@@ -25,7 +25,7 @@ use crate::api;
 use crate::identity::{Identity, IdentityError};
 use crate::limits::{LimitError, Limits};
 use crate::metrics::Metrics;
-use crate::peer::{Backoff, Context, run_session};
+use crate::peer::{Backoff, Context, Messages, run_session};
 use crate::tls::{self, Trust};
 
 /// The store's file name in the data directory.
@@ -154,6 +154,10 @@ pub struct PeerStatus {
     /// When its changes were last stored here or everything it announced
     /// was found here, seconds since the Unix epoch.
     pub last_sync: Option<u64>,
+    /// Protocol frames sent to it, over the node's life.
+    pub messages_sent: u64,
+    /// Protocol frames received from it, over the node's life.
+    pub messages_received: u64,
 }
 
 /// The node's state (the body of `GET /v1/status`).
@@ -185,6 +189,8 @@ struct PeerEntry {
     /// Bytes of connections that have ended.
     bytes_sent: u64,
     bytes_received: u64,
+    /// Frames both ways, counted by its sessions as they run.
+    messages: Arc<Messages>,
     last_sync: Option<u64>,
     /// When its recent connections began (the last 10 s), to refuse a peer
     /// that reconnects in a tight loop.
@@ -217,13 +223,17 @@ impl Inner {
 
     fn context(self: &Arc<Self>, peer: NodeId) -> Context {
         let inner = Arc::clone(self);
-        let access = self
-            .peers()
-            .get(&peer)
-            .and_then(|p| p.access.clone())
-            .unwrap_or_else(Access::none);
+        let (access, messages) = {
+            let mut peers = self.peers();
+            let entry = peers.entry(peer).or_default();
+            (
+                entry.access.clone().unwrap_or_else(Access::none),
+                Arc::clone(&entry.messages),
+            )
+        };
         Context {
             access,
+            messages,
             limits: self.limits.clone(),
             replica: self.replica.clone(),
             local: self.identity.node_id(),
@@ -391,6 +401,8 @@ impl Inner {
                     bytes_sent: entry.bytes_sent + live_sent,
                     bytes_received: entry.bytes_received + live_received,
                     last_sync: entry.last_sync,
+                    messages_sent: entry.messages.sent.load(Ordering::Relaxed),
+                    messages_received: entry.messages.received.load(Ordering::Relaxed),
                 }
             })
             .collect();

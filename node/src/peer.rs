@@ -5,10 +5,11 @@
 //! session wants input, so a slow peer slows us instead of growing buffers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use concord_core::{NodeId, Replica};
-use concord_sync_protocol::{Access, ErrorCode, Event, Session, SessionConfig};
+use concord_sync_protocol::{Access, ErrorCode, Event, Session, SessionConfig, SessionStats};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -33,6 +34,25 @@ pub(crate) struct Outcome {
     pub(crate) reason: Option<String>,
 }
 
+/// Protocol frames exchanged with one peer, over the node's life: its
+/// sessions add to them as they run, the node's status reads them.
+#[derive(Debug, Default)]
+pub(crate) struct Messages {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+}
+
+impl Messages {
+    /// Adds what a session counted since `counted`, which it then becomes.
+    fn add(&self, stats: &SessionStats, counted: &mut (u64, u64)) {
+        self.sent
+            .fetch_add(stats.frames_sent - counted.0, Ordering::Relaxed);
+        self.received
+            .fetch_add(stats.frames_received - counted.1, Ordering::Relaxed);
+        *counted = (stats.frames_sent, stats.frames_received);
+    }
+}
+
 /// Where a session's events go.
 pub(crate) type EventSink = Arc<dyn Fn(NodeId, &Event) + Send + Sync>;
 
@@ -49,6 +69,8 @@ pub(crate) struct Context {
     /// Called with each session event.
     pub(crate) on_event: EventSink,
     pub(crate) metrics: Metrics,
+    /// The peer's frame counts, shared with the node's status.
+    pub(crate) messages: Arc<Messages>,
     /// What the peer may read and write, for this session.
     pub(crate) access: Access,
     pub(crate) limits: Limits,
@@ -93,6 +115,8 @@ pub(crate) async fn run_session(
     let mut buf = vec![0u8; READ_CHUNK];
     let mut outcome = Outcome::default();
     let mut announced = 0u64;
+    // Frames sent and received already added to `context.messages`.
+    let mut frames = (0u64, 0u64);
     let mut changes_sent = 0u64;
     let mut wake = Wake::Start;
     loop {
@@ -139,6 +163,7 @@ pub(crate) async fn run_session(
             }
         });
         let stats = session.stats();
+        context.messages.add(&stats, &mut frames);
         if stats.docs_announced > announced {
             context
                 .metrics
@@ -242,6 +267,7 @@ pub(crate) async fn run_session(
         };
     }
     let stats = session.stats();
+    context.messages.add(&stats, &mut frames);
     info!(%peer, frames_sent = stats.frames_sent, frames_received = stats.frames_received, "session ended");
     if stats.frames_received == 0 {
         warn!(%peer, "the peer sent nothing");

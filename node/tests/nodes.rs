@@ -119,6 +119,15 @@ async fn two_nodes_sync_and_converge_after_offline_edits() {
     assert_eq!(status.peers.len(), 1);
     assert!(status.peers[0].bytes_sent > 0 && status.peers[0].bytes_received > 0);
     assert!(status.peers[0].last_sync.is_some());
+    // Frames both ways, counted by each side: one never reads more than
+    // the other sent (a frame queued as a connection closed may be lost).
+    // Each count is read before the other side's that bounds it.
+    let back = b.status();
+    let again = a.status();
+    let (ab, ba) = (&status.peers[0], &back.peers[0]);
+    assert!(ab.messages_received > 0 && ba.messages_received > 0);
+    assert!(ab.messages_received <= ba.messages_sent);
+    assert!(ba.messages_received <= again.peers[0].messages_sent);
     a.shutdown().await;
     b.shutdown().await;
 }

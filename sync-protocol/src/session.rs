@@ -241,8 +241,11 @@ enum Phase {
 /// Our feed, as announced to the peer.
 #[derive(Debug)]
 struct Sending {
-    /// How far the feed has been read.
+    /// How far the feed has been read: every commit up to `cursor`, and,
+    /// when credit ran out inside a larger commit, that commit's entries up
+    /// to and including a document (entries of a commit come in id order).
     cursor: u64,
+    within: Option<(u64, DocId)>,
     /// How far the announced ranges reach (the next range's `from`).
     announced_to: u64,
     credit: u64,
@@ -702,6 +705,7 @@ impl Session {
                 };
                 self.sending = Some(Sending {
                     cursor,
+                    within: None,
                     announced_to: s.since,
                     credit: u64::from(s.credit),
                     caught_up: false,
@@ -1550,8 +1554,11 @@ impl Session {
                 .announce_page
                 .max(1)
                 .min(usize::try_from(sending.credit).unwrap_or(usize::MAX));
-            let cursor = sending.cursor;
-            let page = store.feed_page(cursor, limit)?;
+            let page = match sending.within {
+                Some((seq, doc)) => store.feed_page_after(seq, doc, limit)?,
+                None => store.feed_page(sending.cursor, limit)?,
+            };
+            let credit = sending.credit;
             let full = page.entries.len() >= limit;
             let peer = self.config.peer;
             #[cfg(feature = "planted-bugs")]
@@ -1562,8 +1569,11 @@ impl Session {
             let mut chunk: Vec<Announcement> = Vec::new();
             let mut size = 0usize;
             let mut sent_docs = 0u64;
-            let entries = page.entries;
-            for entry in &entries {
+            let mut entries = page.entries;
+            // Where the credit ran out, if it did before the page's end: the
+            // entries before it are taken, the rest wait for more credit.
+            let mut stop = None;
+            for (i, entry) in entries.iter().enumerate() {
                 if entry.known_to == Some(peer) || !self.config.access.can_read(&entry.space) {
                     continue;
                 }
@@ -1571,9 +1581,9 @@ impl Session {
                 if drop_relays && entry.known_to.is_some() {
                     continue;
                 }
-                let announcement = Announcement::new(entry.id, &entry.space, &entry.heads);
+                let at_credit = sent_docs + chunk.len() as u64 >= credit;
                 let cost = 24 + entry.space.len() + 34 * entry.heads.len();
-                if size + cost > budget && !chunk.is_empty() {
+                if (at_credit || size + cost > budget) && !chunk.is_empty() {
                     let to = entry.seq.saturating_sub(1).max(from);
                     sent_docs += chunk.len() as u64;
                     self.send(&Message::Announce(Announce {
@@ -1584,21 +1594,40 @@ impl Session {
                     from = to;
                     size = 0;
                 }
+                if at_credit {
+                    stop = Some(i);
+                    break;
+                }
                 size += cost;
-                chunk.push(announcement);
+                chunk.push(Announcement::new(entry.id, &entry.space, &entry.heads));
             }
+            // The position reached: the page's end, or the entry before the
+            // stop (inside its commit, or the commits before it).
+            let (cursor, within) = match stop {
+                None => (page.up_to, None),
+                Some(i) => {
+                    let at = entries[i].seq;
+                    let within = i
+                        .checked_sub(1)
+                        .map(|j| &entries[j])
+                        .filter(|e| e.seq == at)
+                        .map(|e| (at, e.id));
+                    entries.truncate(i);
+                    (at.saturating_sub(1), within)
+                }
+            };
             // A range that names no document tells the peer how many
             // commits passed; under restricted access those may be of
             // documents it may not see, so such a range waits to be covered
             // by the next one that names a document.
-            if !chunk.is_empty() || (page.up_to > from && self.config.access.is_full()) {
+            if !chunk.is_empty() || (cursor > from && self.config.access.is_full()) {
                 sent_docs += chunk.len() as u64;
                 self.send(&Message::Announce(Announce {
                     from,
-                    to: page.up_to.max(from),
+                    to: cursor.max(from),
                     docs: chunk,
                 }));
-                from = page.up_to.max(from);
+                from = cursor.max(from);
             }
             // Push the changes of documents the peer synced recently.
             for entry in &entries {
@@ -1608,15 +1637,18 @@ impl Session {
             }
             self.stats.docs_announced += sent_docs;
             if let Some(sending) = &mut self.sending {
-                sending.cursor = page.up_to;
+                sending.cursor = cursor;
+                sending.within = within;
                 sending.announced_to = from;
+                let whole = stop.is_none();
                 if let Some(regrant) = &mut self.regrant
-                    && (!full || regrant.send_until.is_some_and(|until| page.up_to >= until))
+                    && whole
+                    && (!full || regrant.send_until.is_some_and(|until| cursor >= until))
                 {
                     regrant.sent = true;
                 }
                 sending.credit = sending.credit.saturating_sub(sent_docs);
-                if !full {
+                if whole && !full {
                     sending.caught_up = true;
                 }
             }

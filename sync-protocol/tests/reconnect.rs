@@ -23,9 +23,20 @@ struct Traffic {
 /// Connects `a` and `b` with fresh sessions and carries frames until both
 /// are idle. Returns the traffic and leaves the sessions disconnected.
 fn session(a: &Replica, b: &Replica) -> Traffic {
+    session_with(a, b, SessionConfig::new(A, B).announce_window)
+}
+
+/// As [`session`], each side granting the other `window` announcements of
+/// credit at a time.
+fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
     let now = Duration::ZERO;
-    let mut at_a = Session::new(SessionConfig::new(A, B), now);
-    let mut at_b = Session::new(SessionConfig::new(B, A), now);
+    let config = |local, peer| {
+        let mut c = SessionConfig::new(local, peer);
+        c.announce_window = window;
+        c
+    };
+    let mut at_a = Session::new(config(A, B), now);
+    let mut at_b = Session::new(config(B, A), now);
     let mut traffic = Traffic::default();
     for round in 0.. {
         assert!(round < 100_000, "the sessions never went idle");
@@ -140,4 +151,44 @@ fn reconnect_cost_does_not_grow_with_documents_held() {
     );
     // And it is proportional to the 20 changed documents: under 1 KB each.
     assert!(large.bytes < 20 * 1024, "{large:?}");
+}
+
+/// One commit of more documents than the peer's credit (an import, a batch
+/// of writes) is announced in parts as credit comes back, and the
+/// checkpoint covers it only once all of it is stored.
+#[test]
+fn a_commit_larger_than_the_credit_window_is_announced_in_parts() {
+    let (a, b) = (
+        Replica::in_memory().expect("a"),
+        Replica::in_memory().expect("b"),
+    );
+    let mut tx = a.begin().expect("begin");
+    let big: Vec<DocId> = (0..100)
+        .map(|i| {
+            tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "k", i))
+                .expect("create")
+                .0
+        })
+        .collect();
+    tx.commit().expect("commit");
+    // Commits before and after it, each of several documents.
+    change(&a, &big[..3], "after");
+    let traffic = session_with(&a, &b, 8);
+    let (ra, rb) = (a.read().expect("read"), b.read().expect("read"));
+    assert_eq!(rb.len().expect("len"), 100);
+    for id in &big {
+        assert_eq!(
+            ra.get(*id).expect("a").heads(),
+            rb.get(*id).expect("b").heads(),
+            "document {id} differs"
+        );
+    }
+    drop((ra, rb));
+    // The checkpoint reached the end of A's feed: a second session has
+    // nothing to announce.
+    let again = session_with(&a, &b, 8);
+    assert!(
+        again.frames <= 8 && again.bytes < 512,
+        "the second session re-announced: {again:?} after {traffic:?}"
+    );
 }
