@@ -320,6 +320,9 @@ pub struct Session {
     /// The access fingerprint to record with the next save.
     grant_to_save: Option<u64>,
     unsaved_states: Vec<(DocId, Vec<u8>)>,
+    /// Documents whose received changes [`Session::prestore`] stored for
+    /// the frames being handled, and how many changes were new.
+    prestored: HashMap<DocId, usize>,
     checkpoint_dirty: bool,
     next_save: Option<Duration>,
     now: Duration,
@@ -391,6 +394,7 @@ impl Session {
             regrant: None,
             grant_to_save: None,
             unsaved_states: Vec::new(),
+            prestored: HashMap::new(),
             checkpoint_dirty: false,
             next_save: None,
             now,
@@ -478,23 +482,45 @@ impl Session {
         }
         self.stats.bytes_received += bytes.len() as u64;
         self.decoder.push(bytes);
+        // Every whole frame received, then the error that ends them if one
+        // does (it ends the session once the frames before it are handled).
+        let mut messages = Vec::new();
+        let mut broken = None;
         loop {
-            if self.is_closed() {
-                return;
-            }
             let payload = match self.decoder.next_payload() {
                 Ok(Some(payload)) => payload,
                 Ok(None) => break,
-                Err(e) => return self.fail(store, Fatal::from(&e)),
+                Err(e) => {
+                    broken = Some(Fatal::from(&e));
+                    break;
+                }
             };
             self.stats.frames_received += 1;
-            let message = match Message::decode_payload(&payload) {
-                Ok(message) => message,
-                Err(e) => return self.fail(store, Fatal::from(&e)),
-            };
+            match Message::decode_payload(&payload) {
+                Ok(message) => messages.push(message),
+                Err(e) => {
+                    broken = Some(Fatal::from(&e));
+                    break;
+                }
+            }
+        }
+        if let Err(fatal) = self.prestore(store, &messages) {
+            return self.fail(store, fatal);
+        }
+        for message in messages {
+            if self.is_closed() {
+                return;
+            }
             if let Err(fatal) = self.handle_message(store, message) {
                 return self.fail(store, fatal);
             }
+        }
+        self.prestored.clear();
+        if let Some(fatal) = broken {
+            if !self.is_closed() {
+                self.fail(store, fatal);
+            }
+            return;
         }
         self.make_progress(store);
     }
@@ -1343,6 +1369,16 @@ impl Session {
             })
             .map(|c| c.raw_bytes().to_vec())
             .collect();
+        if let Some(count) = self.prestored.remove(&doc)
+            && new_changes.is_empty()
+        {
+            // Stored with the other documents of its batch of frames.
+            self.stats.changes_received += count as u64;
+            self.events.push_back(Event::Applied {
+                doc,
+                changes: count,
+            });
+        }
         let readable = valid_space(&space) && self.config.access.can_read(&space);
         let mut refused_write = false;
         let stored = if new_changes.is_empty() {
@@ -1483,6 +1519,97 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Stores the new changes that several documents' `Sync` frames of one
+    /// read carry in one durable transaction, before the frames are handled
+    /// one by one: a batch of documents then costs one commit (one pair of
+    /// fsyncs), not one each. Only documents the peer may read and write,
+    /// held here or announced, whose exchange the session will take; if the
+    /// store refuses any of it, nothing is stored and each frame goes its
+    /// own way (and gets its own answer) as it would have.
+    fn prestore<S: SyncStore>(&mut self, store: &S, messages: &[Message]) -> Result<(), Fatal> {
+        self.prestored.clear();
+        #[cfg(feature = "planted-bugs")]
+        if self.config.planted_bug.is_some() {
+            return Ok(());
+        }
+        if !matches!(self.phase, Phase::Established(_))
+            || messages
+                .iter()
+                .filter(|m| matches!(m, Message::Sync(_)))
+                .count()
+                < 2
+        {
+            return Ok(());
+        }
+        let access = &self.config.access;
+        let mut batch: Vec<Incoming> = Vec::new();
+        let mut counts = HashMap::new();
+        let mut exchanges = self.exchanges.len();
+        for message in messages {
+            let Message::Sync(s) = message else { continue };
+            let doc = DocId::from_bytes(s.doc.into_array());
+            if counts.contains_key(&doc) {
+                continue;
+            }
+            let Ok(message) = sync_message::decode(&s.data) else {
+                continue;
+            };
+            if message.changes.is_empty() {
+                continue;
+            }
+            let ours = match store.document(doc) {
+                Ok(d) => d,
+                Err(DocError::Storage(e)) => return Err(e.into()),
+                Err(_) => continue,
+            };
+            let space = match (&ours, self.receiving.wanted.get(&doc)) {
+                (Some(d), _) => d.space().to_string(),
+                (None, Some(want)) => want.space.clone(),
+                (None, None) => continue,
+            };
+            if !(valid_space(&space) && access.can_read(&space) && access.can_write(&space)) {
+                continue;
+            }
+            if !self.exchanges.contains_key(&doc) {
+                if exchanges >= self.config.max_peer_exchanges {
+                    continue;
+                }
+                exchanges += 1;
+            }
+            let Ok(carried) = message_changes(&message) else {
+                continue;
+            };
+            let new: Vec<Vec<u8>> = carried
+                .iter()
+                .filter(|c| {
+                    ours.as_ref()
+                        .is_none_or(|d| d.automerge().get_change_meta_by_hash(&c.hash()).is_none())
+                })
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            counts.insert(doc, new.len());
+            batch.push(Incoming {
+                id: doc,
+                space,
+                data: IncomingData::Changes(new),
+            });
+        }
+        if batch.len() < 2 {
+            return Ok(());
+        }
+        match store.apply(Origin::Peer(self.config.peer), batch) {
+            Ok(_) => {
+                self.prestored = counts;
+                Ok(())
+            }
+            Err(ApplyError::Storage(e) | ApplyError::Doc(DocError::Storage(e))) => Err(e.into()),
+            Err(_) => Ok(()),
+        }
     }
 
     fn store_changes<S: SyncStore>(

@@ -308,3 +308,88 @@ fn a_change_the_store_cannot_apply_is_refused_and_nothing_is_stored() {
             .is_empty()
     );
 }
+
+/// A sync message from a peer that holds `id` as stored here plus one
+/// change setting `k` to `value` (or, with `forge`, a change that reuses the
+/// stored change's actor and sequence number: it parses, but cannot apply).
+fn peer_change(h: &Harness, id: DocId, value: i64, forge: bool) -> Vec<u8> {
+    use concord_core::automerge::sync::{State, SyncDoc};
+    use concord_core::automerge::{AutoCommit, Automerge};
+
+    let ours = h.replica.read().expect("read").get(id).expect("get");
+    let mut theirs = if forge {
+        let actor = ours.automerge().get_changes(&[])[0].actor_id().clone();
+        AutoCommit::new().with_actor(actor)
+    } else {
+        AutoCommit::load(&ours.automerge().save()).expect("load")
+    };
+    theirs.put(ROOT, "k", value).expect("put");
+    let mut ask_state = State::new();
+    let ask = Automerge::clone(ours.automerge())
+        .generate_sync_message(&mut ask_state)
+        .expect("ask");
+    let mut state = State::new();
+    let mut sync = theirs.sync();
+    sync.receive_sync_message(&mut state, ask).expect("receive");
+    let message = sync.generate_sync_message(&mut state).expect("changes");
+    assert!(!message.changes.is_empty());
+    frame::encode_frame(&Message::Sync(SyncData {
+        doc: ByteArray::new(*id.as_bytes()),
+        data: ByteBuf::from(message.encode()),
+    }))
+}
+
+#[test]
+fn changes_of_several_documents_in_one_read_are_stored_in_one_commit() {
+    let mut h = Harness::established();
+    let ids: Vec<DocId> = (0..3).map(|_| h.create()).collect();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .enumerate()
+        .flat_map(|(i, id)| peer_change(&h, *id, 10 + i as i64, false))
+        .collect();
+    let seq = h.replica.read().expect("read").seq().expect("seq");
+    h.send_bytes(&bytes);
+    let read = h.replica.read().expect("read");
+    assert_eq!(
+        read.seq().expect("seq"),
+        seq + 1,
+        "one commit for the batch"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(read.get(*id).expect("get").to_json()["k"], 10 + i as i64);
+    }
+    let applied: Vec<DocId> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Applied { doc, changes: 1 } => Some(doc),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, ids);
+    assert!(
+        !h.received()
+            .iter()
+            .any(|m| matches!(m, Message::DocError(_)))
+    );
+}
+
+#[test]
+fn one_bad_document_in_a_read_fails_alone() {
+    let mut h = Harness::established();
+    let (good, bad) = (h.create(), h.create());
+    let mut bytes = peer_change(&h, good, 7, false);
+    bytes.extend(peer_change(&h, bad, 666, true));
+    h.send_bytes(&bytes);
+    let sent = h.received();
+    assert!(
+        sent.iter().any(|m| matches!(m, Message::DocError(e)
+            if e.code == ErrorCode::InvalidSyncMessage.as_u16() && e.doc.into_array() == *bad.as_bytes())),
+        "no DocError for the unappliable change: {sent:?}"
+    );
+    assert!(!h.session.is_closed());
+    let read = h.replica.read().expect("read");
+    assert_eq!(read.get(good).expect("get").to_json()["k"], 7);
+    assert_eq!(read.get(bad).expect("get").to_json()["k"], 1);
+}
