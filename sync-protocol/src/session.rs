@@ -504,18 +504,34 @@ impl Session {
                 }
             }
         }
-        if let Err(fatal) = self.prestore(store, &messages) {
-            return self.fail(store, fatal);
-        }
-        for message in messages {
+        // In order; each run of consecutive `Sync` frames has its changes
+        // stored together first, once the frames before it are handled (one
+        // of which may have ended the session, or announced documents).
+        let mut rest = messages.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut run = Vec::new();
+            while let Some(message) = rest.next_if(|m| matches!(m, Message::Sync(_))) {
+                run.push(message);
+            }
+            if run.is_empty() {
+                run.extend(rest.next());
+            }
             if self.is_closed() {
                 return;
             }
-            if let Err(fatal) = self.handle_message(store, message) {
+            if let Err(fatal) = self.prestore(store, &run) {
                 return self.fail(store, fatal);
             }
+            for message in run {
+                if self.is_closed() {
+                    return;
+                }
+                if let Err(fatal) = self.handle_message(store, message) {
+                    return self.fail(store, fatal);
+                }
+            }
+            self.prestored.clear();
         }
-        self.prestored.clear();
         if let Some(fatal) = broken {
             if !self.is_closed() {
                 self.fail(store, fatal);
@@ -1369,10 +1385,11 @@ impl Session {
             })
             .map(|c| c.raw_bytes().to_vec())
             .collect();
-        if let Some(count) = self.prestored.remove(&doc)
-            && new_changes.is_empty()
-        {
-            // Stored with the other documents of its batch of frames.
+        // Stored with the other documents of its run of frames (those of
+        // its changes that wait for dependencies wait in the store, not in
+        // `ours`: they are not stored again).
+        let prestored = self.prestored.remove(&doc);
+        if let Some(count) = prestored {
             self.stats.changes_received += count as u64;
             self.events.push_back(Event::Applied {
                 doc,
@@ -1381,7 +1398,7 @@ impl Session {
         }
         let readable = valid_space(&space) && self.config.access.can_read(&space);
         let mut refused_write = false;
-        let stored = if new_changes.is_empty() {
+        let stored = if new_changes.is_empty() || prestored.is_some() {
             ours
         } else if valid_space(&space) && !self.config.access.can_write(&space) {
             // A peer that may read but not write: store nothing of it, but
@@ -1547,11 +1564,22 @@ impl Session {
         let mut batch: Vec<Incoming> = Vec::new();
         let mut counts = HashMap::new();
         let mut exchanges = self.exchanges.len();
+        let mut seen = HashSet::new();
         for message in messages {
             let Message::Sync(s) = message else { continue };
             let doc = DocId::from_bytes(s.doc.into_array());
-            if counts.contains_key(&doc) {
+            if !seen.insert(doc) {
+                // A second frame for it: handled on its own.
                 continue;
+            }
+            // Every frame that may open an exchange takes a slot, in order,
+            // as `handle_sync` will count them: changes are stored only for
+            // a frame whose exchange will be taken.
+            if !self.exchanges.contains_key(&doc) {
+                exchanges += 1;
+                if exchanges > self.config.max_peer_exchanges {
+                    continue;
+                }
             }
             let Ok(message) = sync_message::decode(&s.data) else {
                 continue;
@@ -1571,12 +1599,6 @@ impl Session {
             };
             if !(valid_space(&space) && access.can_read(&space) && access.can_write(&space)) {
                 continue;
-            }
-            if !self.exchanges.contains_key(&doc) {
-                if exchanges >= self.config.max_peer_exchanges {
-                    continue;
-                }
-                exchanges += 1;
             }
             let Ok(carried) = message_changes(&message) else {
                 continue;

@@ -393,3 +393,22 @@ fn one_bad_document_in_a_read_fails_alone() {
     assert_eq!(read.get(good).expect("get").to_json()["k"], 7);
     assert_eq!(read.get(bad).expect("get").to_json()["k"], 1);
 }
+
+#[test]
+fn nothing_after_a_frame_that_ends_the_session_is_stored() {
+    use concord_sync_protocol::message::ErrorMessage;
+
+    let mut h = Harness::established();
+    let (a, b) = (h.create(), h.create());
+    let mut bytes = frame::encode_frame(&Message::Error(ErrorMessage {
+        code: ErrorCode::Closing.as_u16(),
+        reason: "going away".into(),
+    }));
+    bytes.extend(peer_change(&h, a, 7, false));
+    bytes.extend(peer_change(&h, b, 8, false));
+    h.send_bytes(&bytes);
+    assert!(h.session.is_closed());
+    let read = h.replica.read().expect("read");
+    assert_eq!(read.get(a).expect("get").to_json()["k"], 1);
+    assert_eq!(read.get(b).expect("get").to_json()["k"], 1);
+}
