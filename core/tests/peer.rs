@@ -158,8 +158,8 @@ fn a_seeded_random_source_makes_ids_and_actors_repeatable() {
     assert_eq!(run(), run());
 }
 
-#[test]
-fn a_feed_page_never_splits_one_commit() {
+/// A replica whose first commit creates five documents.
+fn five_in_one_commit() -> Replica {
     let replica = Replica::in_memory().expect("open");
     let mut tx = replica.begin().expect("begin");
     for i in 0..5 {
@@ -167,6 +167,12 @@ fn a_feed_page_never_splits_one_commit() {
             .expect("create");
     }
     tx.commit().expect("commit");
+    replica
+}
+
+#[test]
+fn a_feed_page_never_splits_one_commit() {
+    let replica = five_in_one_commit();
     create(&replica, "k", 9);
     let page = replica.feed_page(0, 2).expect("page");
     assert_eq!(page.entries.len(), 5);
@@ -178,13 +184,7 @@ fn a_feed_page_never_splits_one_commit() {
 
 #[test]
 fn a_page_resumes_inside_a_commit_after_a_document() {
-    let replica = Replica::in_memory().expect("open");
-    let mut tx = replica.begin().expect("begin");
-    for i in 0..5 {
-        tx.create(DEFAULT_SPACE, |d| d.put(ROOT, "k", i))
-            .expect("create");
-    }
-    tx.commit().expect("commit");
+    let replica = five_in_one_commit();
     let later = create(&replica, "k", 9);
     let whole = replica.feed_page(0, 10).expect("page").entries;
     assert_eq!(whole.len(), 6);

@@ -31,7 +31,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -44,7 +44,7 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
-use support::{arg, cpu_seconds, nanos, peak_rss_kib};
+use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib};
 
 const ROLE: &str = "CONCORD_BULK_ROLE";
 
@@ -288,15 +288,7 @@ impl ProcessB {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn b");
-        let (lines_tx, lines) = mpsc::channel::<String>();
-        let stdout = child.stdout.take().expect("b stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines_of(child.stdout.take().expect("b stdout"));
         let stdin = child.stdin.take().expect("b stdin");
         let addr = lines
             .recv_timeout(Duration::from_secs(60))

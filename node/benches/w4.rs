@@ -11,10 +11,9 @@
 //! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10]
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use concord_core::automerge::transaction::Transactable;
@@ -24,7 +23,7 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
-use support::{arg, cpu_seconds, nanos, peak_rss_kib};
+use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib};
 
 const ROLE: &str = "CONCORD_W4_ROLE";
 
@@ -175,15 +174,7 @@ fn main() {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn b");
-        let (lines_tx, lines) = mpsc::channel::<String>();
-        let stdout = b.stdout.take().expect("b stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines_of(b.stdout.take().expect("b stdout"));
         let next = |what: &str| {
             tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)))
                 .unwrap_or_else(|_| panic!("B said nothing while {what}"))

@@ -1377,14 +1377,7 @@ impl Session {
                 return Ok(());
             }
         };
-        let new_changes: Vec<Vec<u8>> = carried
-            .iter()
-            .filter(|c| {
-                ours.as_ref()
-                    .is_none_or(|d| d.automerge().get_change_meta_by_hash(&c.hash()).is_none())
-            })
-            .map(|c| c.raw_bytes().to_vec())
-            .collect();
+        let new_changes = unseen(ours.as_ref(), &carried);
         // Stored with the other documents of its run of frames (those of
         // its changes that wait for dependencies wait in the store, not in
         // `ours`: they are not stored again).
@@ -1603,14 +1596,7 @@ impl Session {
             let Ok(carried) = message_changes(&message) else {
                 continue;
             };
-            let new: Vec<Vec<u8>> = carried
-                .iter()
-                .filter(|c| {
-                    ours.as_ref()
-                        .is_none_or(|d| d.automerge().get_change_meta_by_hash(&c.hash()).is_none())
-                })
-                .map(|c| c.raw_bytes().to_vec())
-                .collect();
+            let new = unseen(ours.as_ref(), &carried);
             if new.is_empty() {
                 continue;
             }
@@ -1901,6 +1887,15 @@ fn message_changes(message: &AmMessage) -> Result<Vec<Change>, String> {
         }
     }
     Ok(out)
+}
+
+/// The bytes of the changes of `carried` that `ours` does not hold.
+fn unseen(ours: Option<&concord_core::Document>, carried: &[Change]) -> Vec<Vec<u8>> {
+    carried
+        .iter()
+        .filter(|c| ours.is_none_or(|d| d.automerge().get_change_meta_by_hash(&c.hash()).is_none()))
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
 }
 
 fn contains_all(doc: &Automerge, heads: &[ChangeHash]) -> bool {

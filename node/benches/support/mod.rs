@@ -1,6 +1,9 @@
 //! What the two-process benchmarks share: the clock both processes read,
 //! their own peak RSS and CPU time, and flag parsing.
 
+use std::io::{BufRead, BufReader};
+use std::process::ChildStdout;
+use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds since the Unix epoch: the one clock both processes of a
@@ -38,4 +41,17 @@ pub fn arg(name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The lines a child process prints, read on a thread of their own.
+pub fn lines_of(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
