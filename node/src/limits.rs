@@ -53,6 +53,11 @@ pub struct Limits {
     /// A peer that takes none of what is queued for it for this long is
     /// disconnected (`stall_timeout_secs`). Default 30 s.
     pub stall_timeout_secs: f64,
+    /// Live commits are announced to a peer at most once per this interval
+    /// (`announce_interval_ms`): a commit after a quiet interval goes at
+    /// once, commits within the interval after it go together at its end.
+    /// Default 5 ms; 0 announces every commit at once.
+    pub announce_interval_ms: f64,
 }
 
 impl Default for Limits {
@@ -70,6 +75,7 @@ impl Default for Limits {
             handshake_timeout_secs: 10.0,
             idle_timeout_secs: 30.0,
             stall_timeout_secs: 30.0,
+            announce_interval_ms: 5.0,
         }
     }
 }
@@ -130,6 +136,12 @@ impl Limits {
                 return err(name, "must be between 0.1 and 86400 seconds");
             }
         }
+        if !(0.0..=1_000.0).contains(&self.announce_interval_ms) {
+            return err(
+                "announce_interval_ms",
+                "must be between 0 and 1000 milliseconds",
+            );
+        }
         Ok(())
     }
 
@@ -149,6 +161,7 @@ impl Limits {
         config.max_docs_in_flight = self.max_docs_in_flight;
         config.max_peer_exchanges = self.max_peer_exchanges;
         config.outbox_limit = self.connection_buffer_bytes;
+        config.announce_interval = Duration::from_secs_f64(self.announce_interval_ms / 1e3);
     }
 
     /// The QUIC transport settings these limits imply.
@@ -186,6 +199,11 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(bad.validate().unwrap_err().name, "stall_timeout_secs");
+        let bad = Limits {
+            announce_interval_ms: f64::NAN,
+            ..Limits::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().name, "announce_interval_ms");
         let parsed: Limits =
             toml::from_str("max_docs_in_flight = 8\nidle_timeout_secs = 5.5").expect("parses");
         assert_eq!(parsed.max_docs_in_flight, 8);

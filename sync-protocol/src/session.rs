@@ -112,6 +112,14 @@ pub struct SessionConfig {
     /// How often the checkpoint and sync states are saved while they change.
     /// Default 1 s. They are also saved when the session ends.
     pub save_interval: Duration,
+    /// Live commits are announced at most once per this interval: the
+    /// first commit after a quiet interval is announced at once, commits
+    /// within the interval after it wait for its end and are announced (and
+    /// their changes pushed) together. Under a stream of writes this sends
+    /// fewer, larger messages; a lone commit is not delayed. Catching up
+    /// (after the subscription or when credit returns) is never held.
+    /// Default 5 ms; zero announces every commit at once.
+    pub announce_interval: Duration,
     /// Keep automerge sync states per document across sessions, so a
     /// reconnect resends less. Default true.
     pub persist_sync_states: bool,
@@ -140,6 +148,7 @@ impl SessionConfig {
             max_peer_exchanges: 1024,
             outbox_limit: 1 << 20,
             save_interval: Duration::from_secs(1),
+            announce_interval: Duration::from_millis(5),
             persist_sync_states: true,
             access: Access::full(),
             #[cfg(feature = "planted-bugs")]
@@ -250,6 +259,11 @@ struct Sending {
     announced_to: u64,
     credit: u64,
     caught_up: bool,
+    /// When the next round of live announcements may start.
+    quiet_until: Duration,
+    /// Commits arrived while caught up, before `quiet_until`: announced
+    /// then.
+    held: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -544,8 +558,16 @@ impl Session {
     /// The replica committed something: announce what the peer lacks.
     pub fn handle_feed<S: SyncStore>(&mut self, store: &S, now: Duration) {
         self.now = now;
+        let interval = self.config.announce_interval;
         if let Some(sending) = &mut self.sending {
-            sending.caught_up = false;
+            if !sending.caught_up {
+                // Catching up: the commit is read in turn.
+            } else if now < sending.quiet_until {
+                sending.held = true;
+            } else {
+                sending.caught_up = false;
+                sending.quiet_until = now + interval;
+            }
         }
         self.make_progress(store);
     }
@@ -555,7 +577,15 @@ impl Session {
         if self.is_closed() {
             return None;
         }
-        self.next_save
+        let held = self
+            .sending
+            .as_ref()
+            .filter(|s| s.held)
+            .map(|s| s.quiet_until);
+        match (self.next_save, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Time passed: saves progress when due.
@@ -563,6 +593,15 @@ impl Session {
         self.now = now;
         if self.is_closed() {
             return;
+        }
+        let interval = self.config.announce_interval;
+        if let Some(sending) = &mut self.sending
+            && sending.held
+            && sending.quiet_until <= now
+        {
+            sending.held = false;
+            sending.caught_up = false;
+            sending.quiet_until = now + interval;
         }
         if self.next_save.is_some_and(|at| at <= now) {
             #[cfg(feature = "planted-bugs")]
@@ -751,6 +790,8 @@ impl Session {
                     announced_to: s.since,
                     credit: u64::from(s.credit),
                     caught_up: false,
+                    quiet_until: Duration::ZERO,
+                    held: false,
                 });
                 self.regrant_progress();
                 Ok(())

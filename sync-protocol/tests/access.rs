@@ -293,18 +293,18 @@ fn a_write_only_peers_live_writes_cost_what_they_carry() {
     let mut at_a = Session::new(config, NOW);
     let mut at_b = Session::new(SessionConfig::new(B, A), NOW);
     // Carries frames until both sides are quiet; returns the bytes moved.
-    let pump = |at_a: &mut Session, at_b: &mut Session| {
+    let pump = |at_a: &mut Session, at_b: &mut Session, now| {
         let mut bytes = 0;
         for _ in 0..1000 {
             let mut moved = false;
             while let Some(frame) = at_a.poll_transmit(&a) {
                 bytes += frame.len();
-                at_b.handle_input(&b, &frame, NOW);
+                at_b.handle_input(&b, &frame, now);
                 moved = true;
             }
             while let Some(frame) = at_b.poll_transmit(&b) {
                 bytes += frame.len();
-                at_a.handle_input(&a, &frame, NOW);
+                at_a.handle_input(&a, &frame, now);
                 moved = true;
             }
             if !moved {
@@ -315,17 +315,19 @@ fn a_write_only_peers_live_writes_cost_what_they_carry() {
     };
     let inbox = create(&b, "inbox", 0);
     at_b.handle_feed(&b, NOW);
-    pump(&mut at_a, &mut at_b);
+    pump(&mut at_a, &mut at_b, NOW);
     // A writes to it too: B may not see that, and must not be made to
     // resend its history because of it.
     set(&a, inbox, -1);
     at_a.handle_feed(&a, NOW);
-    pump(&mut at_a, &mut at_b);
+    pump(&mut at_a, &mut at_b, NOW);
     let mut costs = Vec::new();
     for v in 1..=200 {
         set(&b, inbox, v);
-        at_b.handle_feed(&b, NOW);
-        costs.push(pump(&mut at_a, &mut at_b));
+        // Writes 10 ms apart: each is announced at once.
+        let now = NOW + Duration::from_millis(10 * v.unsigned_abs());
+        at_b.handle_feed(&b, now);
+        costs.push(pump(&mut at_a, &mut at_b, now));
         assert!(hashes(&a, inbox).contains(hashes(&b, inbox).last().expect("b's write")));
     }
     assert!(!at_a.is_closed() && !at_b.is_closed());

@@ -29,7 +29,10 @@ fn session(a: &Replica, b: &Replica) -> Traffic {
 /// As [`session`], each side granting the other `window` announcements of
 /// credit at a time.
 fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
-    let now = Duration::ZERO;
+    let mut now = Duration::ZERO;
+    // Whether time has passed since frames last moved (announcements held
+    // for the announce interval go then).
+    let mut waited = false;
     let config = |local, peer| {
         let mut c = SessionConfig::new(local, peer);
         c.announce_window = window;
@@ -55,8 +58,15 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
             at_a.handle_feed(a, now);
             moved = true;
         }
-        if !moved && at_a.is_idle() && at_b.is_idle() {
+        if moved {
+            waited = false;
+        } else if waited && at_a.is_idle() && at_b.is_idle() {
             break;
+        } else {
+            now += Duration::from_millis(10);
+            at_a.handle_timeout(a, now);
+            at_b.handle_timeout(b, now);
+            waited = true;
         }
     }
     assert!(!at_a.is_closed() && !at_b.is_closed(), "a session ended");

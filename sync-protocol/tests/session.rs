@@ -412,3 +412,79 @@ fn nothing_after_a_frame_that_ends_the_session_is_stored() {
     assert_eq!(read.get(a).expect("get").to_json()["k"], 1);
     assert_eq!(read.get(b).expect("get").to_json()["k"], 1);
 }
+
+#[test]
+fn commits_within_the_announce_interval_are_announced_together() {
+    let ms = Duration::from_millis;
+    let announced = |sent: &[Message]| -> Vec<Vec<DocId>> {
+        sent.iter()
+            .filter_map(|m| match m {
+                Message::Announce(a) if !a.docs.is_empty() => Some(
+                    a.docs
+                        .iter()
+                        .map(|d| DocId::from_bytes(d.doc.into_array()))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut h = Harness::established();
+    h.send(&Message::Subscribe(Subscribe {
+        since: 0,
+        credit: 100,
+    }));
+    assert!(announced(&h.received()).is_empty());
+
+    // A commit after a quiet interval goes at once.
+    let first = h.create();
+    h.session.handle_feed(&h.replica, ms(100));
+    assert_eq!(announced(&h.received()), vec![vec![first]]);
+    // Commits inside the interval wait for its end, and go together.
+    let (second, third) = (h.create(), h.create());
+    h.session.handle_feed(&h.replica, ms(101));
+    h.session.handle_feed(&h.replica, ms(103));
+    assert!(announced(&h.received()).is_empty());
+    assert_eq!(h.session.poll_timeout(), Some(ms(105)));
+    h.session.handle_timeout(&h.replica, ms(104));
+    assert!(announced(&h.received()).is_empty());
+    h.session.handle_timeout(&h.replica, ms(105));
+    let mut together = announced(&h.received());
+    together.iter_mut().for_each(|ids| ids.sort());
+    let mut expected = vec![second, third];
+    expected.sort();
+    assert_eq!(together, vec![expected]);
+    // That round opened an interval of its own.
+    let fourth = h.create();
+    h.session.handle_feed(&h.replica, ms(106));
+    assert!(announced(&h.received()).is_empty());
+    h.session.handle_timeout(&h.replica, ms(110));
+    assert_eq!(announced(&h.received()), vec![vec![fourth]]);
+    // Quiet again: at once.
+    let fifth = h.create();
+    h.session.handle_feed(&h.replica, ms(200));
+    assert_eq!(announced(&h.received()), vec![vec![fifth]]);
+
+    // With no interval every commit goes at once.
+    let mut config = SessionConfig::new(US, PEER);
+    config.announce_interval = Duration::ZERO;
+    let mut h = Harness {
+        replica: Replica::in_memory().expect("replica"),
+        session: Session::new(config, NOW),
+    };
+    h.send(&Message::Hello(handshake::hello(
+        PEER,
+        &[PROTOCOL_VERSION],
+        frame::DEFAULT_MAX_FRAME,
+    )));
+    h.send(&Message::Subscribe(Subscribe {
+        since: 0,
+        credit: 100,
+    }));
+    h.received();
+    for t in 0..3 {
+        let id = h.create();
+        h.session.handle_feed(&h.replica, ms(100 + t));
+        assert_eq!(announced(&h.received()), vec![vec![id]]);
+    }
+}
