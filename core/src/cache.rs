@@ -70,18 +70,17 @@ impl DocCache {
 
     /// Caches a document at its heads, evicting the least recently used
     /// entries beyond the budget. A document larger than the whole budget is
-    /// not cached.
+    /// kept alone, until the next one comes: the document in use is not
+    /// loaded again on every access, and the cache holds at most the budget
+    /// or that one document.
     pub(crate) fn insert(&self, id: DocId, heads: Heads, doc: Arc<Automerge>, weight: usize) {
         let mut inner = self.lock();
         if let Some(old) = inner.entries.pop(&id) {
             inner.used -= old.weight;
         }
-        if weight > self.budget {
-            return;
-        }
         inner.used += weight;
         inner.entries.put(id, Entry { heads, doc, weight });
-        while inner.used > self.budget {
+        while inner.used > self.budget && inner.entries.len() > 1 {
             match inner.entries.pop_lru() {
                 Some((_, evicted)) => inner.used -= evicted.weight,
                 None => break,
@@ -119,7 +118,12 @@ mod tests {
         assert!(cache.take(ids[9], &other).is_none());
         assert!(cache.take(ids[9], &Heads::default()).is_some());
         assert_eq!(cache.usage(), (6_000, 2));
+        // One larger than the budget stays alone, until the next comes.
         cache.insert(ids[8], Heads::default(), Arc::new(Automerge::new()), 20_000);
+        assert_eq!(cache.usage(), (20_000, 1));
+        assert!(cache.get(ids[8], &Heads::default()).is_some());
+        cache.insert(ids[7], Heads::default(), Arc::new(Automerge::new()), 3_000);
         assert_eq!(cache.usage(), (3_000, 1));
+        assert!(cache.get(ids[7], &Heads::default()).is_some());
     }
 }

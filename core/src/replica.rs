@@ -62,7 +62,8 @@ fn system_clock() -> i64 {
 #[non_exhaustive]
 pub struct ReplicaOptions {
     /// Budget, in approximate resident bytes, of loaded documents kept in
-    /// memory (least recently used out first). Default 64 MiB.
+    /// memory (least recently used out first; a single document larger than
+    /// the budget is kept alone). Default 8 MiB.
     pub cache_bytes: usize,
     /// redb's page cache, in bytes. Default 32 MiB.
     pub store_cache_bytes: usize,
@@ -97,7 +98,7 @@ pub struct ReplicaOptions {
 impl Default for ReplicaOptions {
     fn default() -> Self {
         Self {
-            cache_bytes: 64 << 20,
+            cache_bytes: 8 << 20,
             store_cache_bytes: 32 << 20,
             two_phase_commit: true,
             check_integrity: true,

@@ -323,7 +323,7 @@ impl ProcessB {
             let snapshot = replica.read().expect("read");
             let mut out = std::io::BufWriter::new(&mut self.stdin);
             for doc in docs {
-                let heads = snapshot.get(*doc).expect("doc").heads().clone();
+                let heads = snapshot.summary(*doc).expect("read").expect("doc").heads;
                 writeln!(out, "WANT {doc} {heads}").expect("tell b");
             }
             writeln!(out, "GO").expect("tell b");
@@ -425,7 +425,7 @@ async fn reconnect(a: &Node, b: &mut ProcessB, b_id: NodeId, written: &[DocId]) 
     {
         let snapshot = a.replica().read().expect("read");
         for doc in &written[..10] {
-            let heads = snapshot.get(*doc).expect("doc").heads().clone();
+            let heads = snapshot.summary(*doc).expect("read").expect("doc").heads;
             b.tell(&format!("WANT {doc} {heads}"));
         }
     }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::limits::Limits;
 use crate::node::PeerConfig;
+use crate::storage::Storage;
 
 /// The default QUIC address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
@@ -33,6 +34,9 @@ pub struct ConfigFile {
     /// `[limits]`: what one peer connection may cost (defaults when absent).
     #[serde(default)]
     pub limits: Limits,
+    /// `[storage]`: the replica's memory budgets (defaults when absent).
+    #[serde(default)]
+    pub storage: Storage,
 }
 
 /// One `[[peer]]`.
@@ -191,6 +195,10 @@ id = "{id}"
             toml::from_str("[limits]\nmax_incoming_connections = 8\n").expect("limits");
         assert_eq!(limited.limits.max_incoming_connections, 8);
         assert_eq!(file.limits, Limits::default());
+        let stored: ConfigFile =
+            toml::from_str("[storage]\ndocument_cache_bytes = 4096\n").expect("storage");
+        assert_eq!(stored.storage.document_cache_bytes, 4096);
+        assert_eq!(file.storage, Storage::default());
     }
 
     #[test]

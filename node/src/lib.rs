@@ -56,6 +56,8 @@
 //! - [`Limits`] ([`NodeConfig::limits`]): what one peer connection may cost
 //!   — frame size, buffers, QUIC streams and windows, inbound connections,
 //!   reconnect rate, handshake, idle and stall timeouts.
+//! - [`Storage`] ([`NodeConfig::storage`]): the memory budgets of the
+//!   replica's document cache and redb's page cache.
 //! - [`api`]: the local HTTP/JSON API (INTERFACE.md) and `GET /metrics`.
 //! - [`config`]: the TOML configuration file of `concord run`.
 
@@ -70,6 +72,7 @@ pub mod limits;
 mod metrics;
 mod node;
 mod peer;
+pub mod storage;
 pub mod tls;
 
 pub use concord_sync_protocol::{Access, Level};
@@ -77,3 +80,4 @@ pub use limits::Limits;
 pub use node::{
     Node, NodeConfig, NodeError, PeerConfig, PeerStatus, STORE_FILE, Status, store_path,
 };
+pub use storage::Storage;

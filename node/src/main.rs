@@ -213,6 +213,7 @@ fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
     node_config.api = Some(config::resolve(&api)?);
     node_config.api_token = file.api_token.clone();
     node_config.limits = file.limits.clone();
+    node_config.storage = file.storage.clone();
     runtime()?.block_on(async {
         let node = Node::start(node_config).await?;
         write_run_file(data_dir, &node)?;

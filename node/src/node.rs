@@ -26,6 +26,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::limits::{LimitError, Limits};
 use crate::metrics::Metrics;
 use crate::peer::{Backoff, Context, Messages, run_session};
+use crate::storage::Storage;
 use crate::tls::{self, Trust};
 
 /// The store's file name in the data directory.
@@ -82,6 +83,8 @@ pub struct NodeConfig {
     /// What one peer connection may cost (frames, buffers, QUIC windows,
     /// connections, timeouts).
     pub limits: Limits,
+    /// The replica's memory budgets.
+    pub storage: Storage,
 }
 
 impl NodeConfig {
@@ -95,6 +98,7 @@ impl NodeConfig {
             api: None,
             api_token: None,
             limits: Limits::default(),
+            storage: Storage::default(),
         }
     }
 }
@@ -468,7 +472,12 @@ impl Node {
     /// begins dialling and accepting. Needs a multi-threaded tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
         let identity = Identity::load(&config.data_dir)?;
-        let replica = tokio::task::block_in_place(|| Replica::open(store_path(&config.data_dir)))?;
+        let replica = tokio::task::block_in_place(|| {
+            Replica::open_with(
+                store_path(&config.data_dir),
+                config.storage.replica_options(),
+            )
+        })?;
         Self::start_with(config, identity, replica)
     }
 
