@@ -35,7 +35,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use concord_core::automerge::sync::{Message as AmMessage, State as SyncState, SyncDoc};
+use concord_core::automerge::sync::{
+    BloomFilter, Have as AmHave, Message as AmMessage, State as SyncState, SyncDoc,
+};
 use concord_core::automerge::{Automerge, Change, ChangeHash};
 use concord_core::inflate;
 use concord_core::{
@@ -1289,9 +1291,27 @@ impl Session {
 
     /// Sends the changes of `doc` the peer lacks, if a finished exchange
     /// tells us what it has: a local commit reaches it in half a round trip.
+    /// The exchange is of this session, or (up to `max_docs_in_flight`
+    /// exchanges open) one saved from an earlier session, which gives the
+    /// heads both sides held then: after a reconnect, the changes made since
+    /// go with their announcement.
     fn push<S: SyncStore>(&mut self, store: &S, doc: DocId) -> Result<(), Fatal> {
-        if self.exchanges.contains_key(&doc) || !self.idle.contains_key(&doc) {
+        if self.exchanges.contains_key(&doc) {
             return Ok(());
+        }
+        let saved = !self.idle.contains_key(&doc);
+        if saved
+            && (!self.config.persist_sync_states
+                || self.exchanges.len() >= self.config.max_docs_in_flight)
+        {
+            return Ok(());
+        }
+        let mut state = self.state_for(store, doc)?;
+        if saved {
+            if state.shared_heads.is_empty() {
+                return Ok(());
+            }
+            resume(&mut state);
         }
         let ours = match store.document(doc) {
             Ok(Some(d)) if self.config.access.can_read(d.space()) => d,
@@ -1299,7 +1319,6 @@ impl Session {
             Err(DocError::Storage(e)) => return Err(e.into()),
             Err(_) => return Ok(()),
         };
-        let mut state = self.state_for(store, doc)?;
         match generate(ours.automerge(), &mut state, &mut self.stats.changes_sent) {
             Some(Ok(bytes)) => {
                 self.exchanges.insert(doc, state);
@@ -1845,6 +1864,21 @@ enum Stored {
     Refused(ErrorCode, String),
     /// The document is stored in this other space, out of the peer's scope.
     Escape(String),
+}
+
+/// A sync state saved from an earlier session holds only the heads both
+/// sides shared then. Take them as what the peer has and needs, as a
+/// finished exchange would, so automerge's next message carries the changes
+/// made since. If the peer holds less than that (it lost data), automerge's
+/// exchange recovers: the peer asks for what it lacks.
+fn resume(state: &mut SyncState) {
+    let shared = state.shared_heads.clone();
+    state.their_heads = Some(shared.clone());
+    state.their_need = Some(Vec::new());
+    state.their_have = Some(vec![AmHave {
+        last_sync: shared,
+        bloom: BloomFilter::default(),
+    }]);
 }
 
 /// A copy of `doc` (or a new document) with the store's changes that wait

@@ -43,20 +43,26 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
     let mut traffic = Traffic::default();
     for round in 0.. {
         assert!(round < 100_000, "the sessions never went idle");
+        // What one side has to send reaches the other in one read, as
+        // frames written together do over the node's stream.
         let mut moved = false;
-        while let Some(frame) = at_a.poll_transmit(a) {
-            traffic.frames += 1;
-            traffic.bytes += frame.len() as u64;
-            at_b.handle_input(b, &frame, now);
-            at_b.handle_feed(b, now);
-            moved = true;
-        }
-        while let Some(frame) = at_b.poll_transmit(b) {
-            traffic.frames += 1;
-            traffic.bytes += frame.len() as u64;
-            at_a.handle_input(a, &frame, now);
-            at_a.handle_feed(a, now);
-            moved = true;
+        for turn in 0..2 {
+            let (from, to, at_from, at_to) = if turn == 0 {
+                (a, b, &mut at_a, &mut at_b)
+            } else {
+                (b, a, &mut at_b, &mut at_a)
+            };
+            let mut bytes = Vec::new();
+            while let Some(frame) = at_from.poll_transmit(from) {
+                traffic.frames += 1;
+                bytes.extend_from_slice(&frame);
+            }
+            if !bytes.is_empty() {
+                traffic.bytes += bytes.len() as u64;
+                at_to.handle_input(to, &bytes, now);
+                at_to.handle_feed(to, now);
+                moved = true;
+            }
         }
         if moved {
             waited = false;
@@ -200,5 +206,32 @@ fn a_commit_larger_than_the_credit_window_is_announced_in_parts() {
     assert!(
         again.frames <= 8 && again.bytes < 512,
         "the second session re-announced: {again:?} after {traffic:?}"
+    );
+}
+
+/// After a session that synced them, the states both sides saved say what
+/// the other holds: on the next reconnect the changes made offline go out
+/// with their announcements, and the peer does not have to ask.
+#[test]
+fn a_reconnect_sends_changes_with_their_announcement() {
+    let (a, b, ids) = shared_replicas(100);
+    change(&a, &ids[..10], "first_a");
+    change(&b, &ids[10..20], "first_b");
+    let first = session(&a, &b);
+    change(&a, &ids[..10], "second_a");
+    change(&b, &ids[10..20], "second_b");
+    let second = session(&a, &b);
+    let (ra, rb) = (a.read().expect("read"), b.read().expect("read"));
+    for id in &ids[..20] {
+        let (da, db) = (ra.get(*id).expect("a"), rb.get(*id).expect("b"));
+        assert_eq!(da.heads(), db.heads(), "document {id} differs");
+    }
+    assert_eq!(rb.get(ids[0]).expect("b").to_json()["second_a"], 1);
+    assert_eq!(ra.get(ids[10]).expect("a").to_json()["second_b"], 1);
+    // Measured: 70 frames and 10,026 bytes the first time, 49 and 7,517
+    // the second (70 and 9,006 when the saved states did not push).
+    assert!(
+        second.frames * 4 <= first.frames * 3 && second.bytes * 100 <= first.bytes * 85,
+        "saved states did not spare the peer's requests: {second:?} after {first:?}"
     );
 }
