@@ -162,6 +162,10 @@ pub struct PeerStatus {
     pub messages_sent: u64,
     /// Protocol frames received from it, over the node's life.
     pub messages_received: u64,
+    /// The largest UDP payload the live connection sends (path MTU
+    /// discovery tries 1,452 bytes once after the handshake, else keeps
+    /// QUIC's 1,200); `None` when not connected.
+    pub path_mtu: Option<u16>,
 }
 
 /// The node's state (the body of `GET /v1/status`).
@@ -392,12 +396,16 @@ impl Inner {
                     .as_ref()
                     .filter(|(c, _)| c.close_reason().is_none());
                 let established = live.is_some() && entry.established;
-                let (live_sent, live_received) = live
+                let (live_sent, live_received, path_mtu) = live
                     .map(|(c, _)| {
                         let stats = c.stats();
-                        (stats.udp_tx.bytes, stats.udp_rx.bytes)
+                        (
+                            stats.udp_tx.bytes,
+                            stats.udp_rx.bytes,
+                            Some(stats.path.current_mtu),
+                        )
                     })
-                    .unwrap_or((0, 0));
+                    .unwrap_or((0, 0, None));
                 PeerStatus {
                     node_id: *id,
                     addr: entry.addr.map(|a| a.to_string()),
@@ -407,6 +415,7 @@ impl Inner {
                     last_sync: entry.last_sync,
                     messages_sent: entry.messages.sent.load(Ordering::Relaxed),
                     messages_received: entry.messages.received.load(Ordering::Relaxed),
+                    path_mtu: path_mtu.filter(|_| established),
                 }
             })
             .collect();

@@ -119,6 +119,11 @@ async fn two_nodes_sync_and_converge_after_offline_edits() {
     assert_eq!(status.peers.len(), 1);
     assert!(status.peers[0].bytes_sent > 0 && status.peers[0].bytes_received > 0);
     assert!(status.peers[0].last_sync.is_some());
+    // Loopback carries the one probe path MTU discovery sends.
+    eventually("the path MTU is found", || {
+        a.status().peers[0].path_mtu == Some(1452)
+    })
+    .await;
     // Frames both ways, counted by each side: one never reads more than
     // the other sent (a frame queued as a connection closed may be lost).
     // Each count is read before the other side's that bounds it.
