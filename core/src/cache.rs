@@ -72,11 +72,14 @@ impl DocCache {
     /// entries beyond the budget. A document larger than the whole budget is
     /// kept alone, until the next one comes: the document in use is not
     /// loaded again on every access, and the cache holds at most the budget
-    /// or that one document.
+    /// or that one document. A budget of 0 caches nothing.
     pub(crate) fn insert(&self, id: DocId, heads: Heads, doc: Arc<Automerge>, weight: usize) {
         let mut inner = self.lock();
         if let Some(old) = inner.entries.pop(&id) {
             inner.used -= old.weight;
+        }
+        if self.budget == 0 {
+            return;
         }
         inner.used += weight;
         inner.entries.put(id, Entry { heads, doc, weight });
@@ -125,5 +128,9 @@ mod tests {
         cache.insert(ids[7], Heads::default(), Arc::new(Automerge::new()), 3_000);
         assert_eq!(cache.usage(), (3_000, 1));
         assert!(cache.get(ids[7], &Heads::default()).is_some());
+        // No budget, no cache.
+        let off = DocCache::new(0);
+        off.insert(ids[0], Heads::default(), Arc::new(Automerge::new()), 1);
+        assert_eq!(off.usage(), (0, 0));
     }
 }

@@ -80,7 +80,8 @@
 //! # Memory
 //!
 //! Documents are loaded on demand and kept in a cache bounded by
-//! [`ReplicaOptions::cache_bytes`]; redb's page cache is bounded by
+//! [`ReplicaOptions::cache_bytes`] (or by the one document in use, when it
+//! alone is larger); redb's page cache is bounded by
 //! [`ReplicaOptions::store_cache_bytes`]. Resident memory does not grow with
 //! the number of documents stored.
 

@@ -174,11 +174,12 @@ impl Limits {
     pub(crate) fn transport(&self) -> Arc<quinn::TransportConfig> {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        // Path MTU discovery probes the largest size (1452 bytes) once, and
-        // keeps the QUIC minimum of 1200 if that is lost: quinn's default
-        // binary search from 1200 sends four or five probes of 1.3-1.45 KB
-        // each way on every connection, which was half the bytes of a
-        // reconnect that syncs 20 documents.
+        // Path MTU discovery probes the largest size (1452 bytes) directly
+        // (quinn resends a lost probe up to three times, and searches again
+        // every 10 minutes), keeping the QUIC minimum of 1200 if it never
+        // arrives: quinn's default binary search from 1200 sends four or
+        // five probes of 1.3-1.45 KB each way on every connection, which
+        // was half the bytes of a reconnect that syncs 20 documents.
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(MTU_PROBE)
             .minimum_change(MTU_PROBE - MIN_MTU);

@@ -163,8 +163,8 @@ pub struct PeerStatus {
     /// Protocol frames received from it, over the node's life.
     pub messages_received: u64,
     /// The largest UDP payload the live connection sends (path MTU
-    /// discovery tries 1,452 bytes once after the handshake, else keeps
-    /// QUIC's 1,200); `None` when not connected.
+    /// discovery probes 1,452 bytes after the handshake, else keeps QUIC's
+    /// 1,200); `None` when not connected.
     pub path_mtu: Option<u16>,
 }
 

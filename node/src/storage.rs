@@ -15,7 +15,7 @@ pub struct Storage {
     /// Approximate resident bytes of loaded documents kept in memory, least
     /// recently used out first (`document_cache_bytes`). Default 8 MiB. A
     /// single document larger than this is kept alone while it is the last
-    /// one used.
+    /// one used; 0 caches nothing.
     pub document_cache_bytes: usize,
     /// redb's page cache (`page_cache_bytes`). Default 32 MiB.
     pub page_cache_bytes: usize,

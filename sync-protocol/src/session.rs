@@ -454,7 +454,9 @@ impl Session {
     /// message: a side whose last message needed no answer keeps its sync
     /// state until the session ends, so open exchanges do not count.)
     pub fn is_idle(&self) -> bool {
-        self.receiving.wanted.is_empty() && self.outbox.is_empty()
+        self.receiving.wanted.is_empty()
+            && self.outbox.is_empty()
+            && !self.sending.as_ref().is_some_and(|s| s.held)
     }
 
     /// Documents the peer announced that are not stored here yet, by state:
@@ -560,7 +562,6 @@ impl Session {
     /// The replica committed something: announce what the peer lacks.
     pub fn handle_feed<S: SyncStore>(&mut self, store: &S, now: Duration) {
         self.now = now;
-        let interval = self.config.announce_interval;
         if let Some(sending) = &mut self.sending {
             if !sending.caught_up {
                 // Catching up: the commit is read in turn.
@@ -568,7 +569,7 @@ impl Session {
                 sending.held = true;
             } else {
                 sending.caught_up = false;
-                sending.quiet_until = now + interval;
+                sending.held = false;
             }
         }
         self.make_progress(store);
@@ -590,20 +591,19 @@ impl Session {
         }
     }
 
-    /// Time passed: saves progress when due.
+    /// Time passed: saves progress when due, and announces the commits held
+    /// for the announce interval once it has passed.
     pub fn handle_timeout<S: SyncStore>(&mut self, store: &S, now: Duration) {
         self.now = now;
         if self.is_closed() {
             return;
         }
-        let interval = self.config.announce_interval;
         if let Some(sending) = &mut self.sending
             && sending.held
             && sending.quiet_until <= now
         {
             sending.held = false;
             sending.caught_up = false;
-            sending.quiet_until = now + interval;
         }
         if self.next_save.is_some_and(|at| at <= now) {
             #[cfg(feature = "planted-bugs")]
@@ -1299,25 +1299,30 @@ impl Session {
         if self.exchanges.contains_key(&doc) {
             return Ok(());
         }
-        let saved = !self.idle.contains_key(&doc);
-        if saved
-            && (!self.config.persist_sync_states
-                || self.exchanges.len() >= self.config.max_docs_in_flight)
-        {
-            return Ok(());
-        }
-        let mut state = self.state_for(store, doc)?;
-        if saved {
+        let resumed = if self.idle.contains_key(&doc) {
+            None
+        } else {
+            if !self.config.persist_sync_states
+                || self.exchanges.len() >= self.config.max_docs_in_flight
+            {
+                return Ok(());
+            }
+            let mut state = self.stored_state(store, doc)?;
             if state.shared_heads.is_empty() {
                 return Ok(());
             }
             resume(&mut state);
-        }
+            Some(state)
+        };
         let ours = match store.document(doc) {
             Ok(Some(d)) if self.config.access.can_read(d.space()) => d,
             Ok(_) => return Ok(()),
             Err(DocError::Storage(e)) => return Err(e.into()),
             Err(_) => return Ok(()),
+        };
+        let mut state = match resumed {
+            Some(state) => state,
+            None => self.state_for(store, doc)?,
         };
         match generate(ours.automerge(), &mut state, &mut self.stats.changes_sent) {
             Some(Ok(bytes)) => {
@@ -1835,6 +1840,9 @@ impl Session {
                 sending.cursor = cursor;
                 sending.within = within;
                 sending.announced_to = from;
+                if sent_docs > 0 {
+                    sending.quiet_until = self.now + self.config.announce_interval;
+                }
                 let whole = stop.is_none();
                 if let Some(regrant) = &mut self.regrant
                     && whole

@@ -37,25 +37,32 @@ fn run(a: &Replica, b: &Replica, access: &Access) -> Run {
     let mut at_a = Session::new(config, NOW);
     let mut at_b = Session::new(SessionConfig::new(B, A), NOW);
     let mut out = Run::default();
+    let mut now = NOW;
     for round in 0.. {
         assert!(round < 10_000, "the sessions never went idle");
         let mut moved = false;
         while let Some(frame) = at_a.poll_transmit(a) {
             out.a_to_b.extend_from_slice(&frame);
-            at_b.handle_input(b, &frame, NOW);
+            at_b.handle_input(b, &frame, now);
             moved = true;
         }
         while let Some(frame) = at_b.poll_transmit(b) {
             out.b_to_a += frame.len();
-            at_a.handle_input(a, &frame, NOW);
+            at_a.handle_input(a, &frame, now);
             moved = true;
         }
-        at_a.handle_feed(a, NOW);
-        at_b.handle_feed(b, NOW);
+        at_a.handle_feed(a, now);
+        at_b.handle_feed(b, now);
         out.a_events
             .extend(std::iter::from_fn(|| at_a.poll_event()));
         if !moved && at_a.is_idle() && at_b.is_idle() {
             break;
+        }
+        if !moved {
+            // Announcements held for the announce interval go once it passes.
+            now += Duration::from_millis(10);
+            at_a.handle_timeout(a, now);
+            at_b.handle_timeout(b, now);
         }
     }
     assert!(!at_a.is_closed() && !at_b.is_closed(), "a session ended");

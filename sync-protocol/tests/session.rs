@@ -445,6 +445,7 @@ fn commits_within_the_announce_interval_are_announced_together() {
     h.session.handle_feed(&h.replica, ms(101));
     h.session.handle_feed(&h.replica, ms(103));
     assert!(announced(&h.received()).is_empty());
+    assert!(!h.session.is_idle(), "commits wait to be announced");
     assert_eq!(h.session.poll_timeout(), Some(ms(105)));
     h.session.handle_timeout(&h.replica, ms(104));
     assert!(announced(&h.received()).is_empty());
@@ -464,6 +465,15 @@ fn commits_within_the_announce_interval_are_announced_together() {
     let fifth = h.create();
     h.session.handle_feed(&h.replica, ms(200));
     assert_eq!(announced(&h.received()), vec![vec![fifth]]);
+    // A commit that announces nothing (the peer's own change, stored here)
+    // opens no interval: a local commit right after it goes at once.
+    h.send_bytes(&peer_change(&h, fifth, 7, false));
+    h.session.handle_feed(&h.replica, ms(300));
+    assert!(announced(&h.received()).is_empty());
+    let sixth = h.create();
+    h.session.handle_feed(&h.replica, ms(301));
+    assert_eq!(announced(&h.received()), vec![vec![sixth]]);
+    assert!(h.session.is_idle());
 
     // With no interval every commit goes at once.
     let mut config = SessionConfig::new(US, PEER);
