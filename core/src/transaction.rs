@@ -55,7 +55,9 @@ impl std::fmt::Debug for Transaction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     /// The change-feed sequence number of the commit, or `None` when it
-    /// changed nothing.
+    /// changed nothing (automerge 0.12 makes no operation of a put of the
+    /// value a key already holds, so a transaction of only such puts
+    /// commits nothing).
     pub seq: Option<u64>,
     /// Each document it changed, with its heads after the commit.
     pub docs: Vec<DocChange>,

@@ -92,8 +92,11 @@ fn run_transaction(
                 match working.get_mut(&slot) {
                     Some(fields) => {
                         result.unwrap();
-                        fields.insert(key_name(key), value);
-                        effective = true;
+                        // automerge 0.12 makes no operation of a put of the
+                        // value the key holds: no change, no commit.
+                        if fields.insert(key_name(key), value) != Some(value) {
+                            effective = true;
+                        }
                     }
                     None => assert!(
                         matches!(result, Err(TxError::Doc(DocError::NotFound(_)))),
