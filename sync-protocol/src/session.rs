@@ -562,15 +562,13 @@ impl Session {
     /// The replica committed something: announce what the peer lacks.
     pub fn handle_feed<S: SyncStore>(&mut self, store: &S, now: Duration) {
         self.now = now;
-        if let Some(sending) = &mut self.sending {
-            if !sending.caught_up {
-                // Catching up: the commit is read in turn.
-            } else if now < sending.quiet_until {
-                sending.held = true;
-            } else {
-                sending.caught_up = false;
-                sending.held = false;
-            }
+        // Catching up reads the commit in turn; caught up, a commit inside
+        // the announce interval waits for its end.
+        if let Some(sending) = &mut self.sending
+            && sending.caught_up
+        {
+            sending.held = now < sending.quiet_until;
+            sending.caught_up = sending.held;
         }
         self.make_progress(store);
     }
@@ -585,10 +583,7 @@ impl Session {
             .as_ref()
             .filter(|s| s.held)
             .map(|s| s.quiet_until);
-        match (self.next_save, held) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.next_save.into_iter().chain(held).min()
     }
 
     /// Time passed: saves progress when due, and announces the commits held

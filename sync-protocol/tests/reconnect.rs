@@ -132,22 +132,32 @@ fn change(replica: &Replica, ids: &[DocId], key: &'static str) {
     tx.commit().expect("commit");
 }
 
-/// The traffic of a reconnect after 10 documents changed on each side.
-fn reconnect_with(shared: usize) -> Traffic {
-    let (a, b, ids) = shared_replicas(shared);
-    // Offline: each side changes 10 documents (different ones).
-    change(&a, &ids[..10], "from_a");
-    change(&b, &ids[10..20], "from_b");
-    let traffic = session(&a, &b);
-    // Both now hold both sides' changes.
+/// Each side changes 10 documents (different ones) offline, setting
+/// `key_a` on A and `key_b` on B; then they reconnect. Checks both hold both
+/// sides' changes, and returns the traffic.
+fn offline_edits_then_reconnect(
+    a: &Replica,
+    b: &Replica,
+    ids: &[DocId],
+    (key_a, key_b): (&'static str, &'static str),
+) -> Traffic {
+    change(a, &ids[..10], key_a);
+    change(b, &ids[10..20], key_b);
+    let traffic = session(a, b);
     let (ra, rb) = (a.read().expect("read"), b.read().expect("read"));
     for id in &ids[..20] {
         let (da, db) = (ra.get(*id).expect("a"), rb.get(*id).expect("b"));
         assert_eq!(da.heads(), db.heads(), "document {id} differs");
     }
-    assert_eq!(rb.get(ids[0]).expect("b").to_json()["from_a"], 1);
-    assert_eq!(ra.get(ids[10]).expect("a").to_json()["from_b"], 1);
+    assert_eq!(rb.get(ids[0]).expect("b").to_json()[key_a], 1);
+    assert_eq!(ra.get(ids[10]).expect("a").to_json()[key_b], 1);
     traffic
+}
+
+/// The traffic of a reconnect after 10 documents changed on each side.
+fn reconnect_with(shared: usize) -> Traffic {
+    let (a, b, ids) = shared_replicas(shared);
+    offline_edits_then_reconnect(&a, &b, &ids, ("from_a", "from_b"))
 }
 
 #[test]
@@ -215,19 +225,8 @@ fn a_commit_larger_than_the_credit_window_is_announced_in_parts() {
 #[test]
 fn a_reconnect_sends_changes_with_their_announcement() {
     let (a, b, ids) = shared_replicas(100);
-    change(&a, &ids[..10], "first_a");
-    change(&b, &ids[10..20], "first_b");
-    let first = session(&a, &b);
-    change(&a, &ids[..10], "second_a");
-    change(&b, &ids[10..20], "second_b");
-    let second = session(&a, &b);
-    let (ra, rb) = (a.read().expect("read"), b.read().expect("read"));
-    for id in &ids[..20] {
-        let (da, db) = (ra.get(*id).expect("a"), rb.get(*id).expect("b"));
-        assert_eq!(da.heads(), db.heads(), "document {id} differs");
-    }
-    assert_eq!(rb.get(ids[0]).expect("b").to_json()["second_a"], 1);
-    assert_eq!(ra.get(ids[10]).expect("a").to_json()["second_b"], 1);
+    let first = offline_edits_then_reconnect(&a, &b, &ids, ("first_a", "first_b"));
+    let second = offline_edits_then_reconnect(&a, &b, &ids, ("second_a", "second_b"));
     // Measured: 70 frames and 10,026 bytes the first time, 49 and 7,517
     // the second (70 and 9,006 when the saved states did not push).
     assert!(

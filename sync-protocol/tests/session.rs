@@ -265,30 +265,12 @@ fn changes_for_a_document_never_announced_are_refused() {
 
 #[test]
 fn a_change_the_store_cannot_apply_is_refused_and_nothing_is_stored() {
-    use concord_core::automerge::sync::{State, SyncDoc};
-    use concord_core::automerge::{AutoCommit, Automerge};
-
     let mut h = Harness::established();
     let id = h.create();
     let before = h.replica.read().expect("read").get(id).expect("get");
     // A well-formed change that reuses the stored change's (actor, seq)
     // with other content: it parses, but automerge refuses to apply it.
-    let actor = before.automerge().get_changes(&[])[0].actor_id().clone();
-    let mut forged = AutoCommit::new().with_actor(actor);
-    forged.put(ROOT, "k", 666).expect("put");
-    let mut ask_state = State::new();
-    let ask = Automerge::new()
-        .generate_sync_message(&mut ask_state)
-        .expect("ask");
-    let mut state = State::new();
-    let mut sync = forged.sync();
-    sync.receive_sync_message(&mut state, ask).expect("receive");
-    let message = sync.generate_sync_message(&mut state).expect("changes");
-    assert!(!message.changes.is_empty());
-    h.send(&Message::Sync(SyncData {
-        doc: ByteArray::new(*id.as_bytes()),
-        data: ByteBuf::from(message.encode()),
-    }));
+    h.send_bytes(&peer_change(&h, id, 666, true));
     let sent = h.received();
     assert!(
         sent.iter().any(|m| matches!(m, Message::DocError(e)
