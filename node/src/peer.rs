@@ -156,6 +156,14 @@ pub(crate) async fn run_session(
                 written = 0;
             }
             while out.len() - written < PENDING_BYTES {
+                // What the session queued before received frames it has not
+                // handled yet goes first: handling them may commit.
+                if written < out.len()
+                    && session.queued_bytes() == 0
+                    && session.has_unhandled_input()
+                {
+                    break;
+                }
                 match session.poll_transmit(&replica) {
                     Some(frame) => out.extend_from_slice(&frame),
                     None => break,

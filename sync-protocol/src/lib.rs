@@ -42,6 +42,13 @@
 //! assert_eq!(b.read()?.get(doc)?.to_json()["hello"], "world");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! A driver over a real stream writes what [`Session::poll_transmit`]
+//! gives as it comes. When [`Session::handle_input`] stops with received
+//! frames unhandled ([`Session::has_unhandled_input`]), the frames queued
+//! so far are an answer the peer is waiting for: write them before pulling
+//! more, since the next `poll_transmit` that finds nothing queued handles
+//! the rest, which may load documents and commit.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub, rustdoc::broken_intra_doc_links)]

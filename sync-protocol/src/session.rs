@@ -314,6 +314,11 @@ pub struct Session {
     config: SessionConfig,
     phase: Phase,
     decoder: FrameDecoder,
+    /// Frames received and not handled yet, in order.
+    inbox: VecDeque<Message>,
+    /// The error that ends the received frames, once those before it in
+    /// `inbox` are handled.
+    broken: Option<Fatal>,
     outbox: VecDeque<Vec<u8>>,
     outbox_bytes: usize,
     events: VecDeque<Event>,
@@ -361,6 +366,7 @@ struct Regrant {
 }
 
 /// Why a frame handler ended the session.
+#[derive(Debug)]
 struct Fatal {
     code: ErrorCode,
     reason: String,
@@ -393,6 +399,8 @@ impl Session {
         let hello = handshake::hello(config.local, &config.versions, config.max_frame);
         let mut session = Self {
             decoder: FrameDecoder::new(config.max_frame),
+            inbox: VecDeque::new(),
+            broken: None,
             config,
             phase: Phase::AwaitingHello,
             outbox: VecDeque::new(),
@@ -456,6 +464,7 @@ impl Session {
     pub fn is_idle(&self) -> bool {
         self.receiving.wanted.is_empty()
             && self.outbox.is_empty()
+            && self.inbox.is_empty()
             && !self.sending.as_ref().is_some_and(|s| s.held)
     }
 
@@ -487,12 +496,24 @@ impl Session {
     }
 
     /// Whether the driver should read more input: false while the transmit
-    /// queue is over [`SessionConfig::outbox_limit`].
+    /// queue is over [`SessionConfig::outbox_limit`], and while received
+    /// frames wait to be handled.
     pub fn wants_input(&self) -> bool {
-        !self.is_closed() && self.outbox_bytes < self.config.outbox_limit
+        !self.is_closed()
+            && self.outbox_bytes < self.config.outbox_limit
+            && self.inbox.is_empty()
+            && self.broken.is_none()
     }
 
     /// Bytes received from the peer.
+    ///
+    /// Received frames are handled in order. Where a step of them leaves
+    /// frames for the peer and more received frames wait (an answer to
+    /// `Subscribe`, then changes to store), handling stops there, so that
+    /// what is queued can leave before the rest is handled: the next
+    /// [`Session::poll_transmit`] that finds nothing queued carries on
+    /// ([`Session::has_unhandled_input`] says whether any waits). No more
+    /// input is wanted meanwhile.
     pub fn handle_input<S: SyncStore>(&mut self, store: &S, bytes: &[u8], now: Duration) {
         self.now = now;
         if self.is_closed() {
@@ -502,37 +523,53 @@ impl Session {
         self.decoder.push(bytes);
         // Every whole frame received, then the error that ends them if one
         // does (it ends the session once the frames before it are handled).
-        let mut messages = Vec::new();
-        let mut broken = None;
-        loop {
+        while self.broken.is_none() {
             let payload = match self.decoder.next_payload() {
                 Ok(Some(payload)) => payload,
                 Ok(None) => break,
                 Err(e) => {
-                    broken = Some(Fatal::from(&e));
+                    self.broken = Some(Fatal::from(&e));
                     break;
                 }
             };
             self.stats.frames_received += 1;
             match Message::decode_payload(&payload) {
-                Ok(message) => messages.push(message),
-                Err(e) => {
-                    broken = Some(Fatal::from(&e));
-                    break;
-                }
+                Ok(message) => self.inbox.push_back(message),
+                Err(e) => self.broken = Some(Fatal::from(&e)),
             }
         }
-        // In order; each run of consecutive `Sync` frames has its changes
-        // stored together first, once the frames before it are handled (one
-        // of which may have ended the session, or announced documents).
-        let mut rest = messages.into_iter().peekable();
-        while rest.peek().is_some() {
+        self.handle_inbox(store);
+    }
+
+    /// Whether received frames wait to be handled (see
+    /// [`Session::handle_input`]).
+    pub fn has_unhandled_input(&self) -> bool {
+        !self.inbox.is_empty()
+    }
+
+    /// Bytes of frames queued for [`Session::poll_transmit`].
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox_bytes
+    }
+
+    /// Handles received frames in order. Each run of consecutive `Sync`
+    /// frames has its changes stored together first, once the frames before
+    /// it are handled (one of which may have ended the session, or announced
+    /// documents). Stops early when frames are queued for the peer and more
+    /// received ones wait.
+    fn handle_inbox<S: SyncStore>(&mut self, store: &S) {
+        while !self.inbox.is_empty() {
             let mut run = Vec::new();
-            while let Some(message) = rest.next_if(|m| matches!(m, Message::Sync(_))) {
+            while let Some(message) = self.inbox.pop_front() {
+                if !matches!(message, Message::Sync(_)) {
+                    if run.is_empty() {
+                        run.push(message);
+                    } else {
+                        self.inbox.push_front(message);
+                    }
+                    break;
+                }
                 run.push(message);
-            }
-            if run.is_empty() {
-                run.extend(rest.next());
             }
             if self.is_closed() {
                 return;
@@ -549,8 +586,21 @@ impl Session {
                 }
             }
             self.prestored.clear();
+            // Let the credit and announcements due so far leave before the
+            // frames that wait are handled (which may load documents and
+            // commit). Exchanges are not started here: the frames waiting
+            // may answer them.
+            if !self.inbox.is_empty() {
+                self.grant_credit();
+                if let Err(fatal) = self.announce(store) {
+                    return self.fail(store, fatal);
+                }
+                if !self.outbox.is_empty() {
+                    return;
+                }
+            }
         }
-        if let Some(fatal) = broken {
+        if let Some(fatal) = self.broken.take() {
             if !self.is_closed() {
                 self.fail(store, fatal);
             }
@@ -637,7 +687,11 @@ impl Session {
     /// happens here, as the stream takes frames.
     pub fn poll_transmit<S: SyncStore>(&mut self, store: &S) -> Option<Vec<u8>> {
         if self.outbox.is_empty() && !self.is_closed() {
-            self.make_progress(store);
+            if self.inbox.is_empty() {
+                self.make_progress(store);
+            } else {
+                self.handle_inbox(store);
+            }
         }
         let frame = self.outbox.pop_front()?;
         self.outbox_bytes -= frame.len();
@@ -688,6 +742,8 @@ impl Session {
             }
         }
         self.phase = Phase::Closed;
+        self.inbox.clear();
+        self.broken = None;
         self.exchanges.clear();
         self.idle.clear();
         self.idle_order.clear();
@@ -1114,6 +1170,21 @@ impl Session {
         if self.agreement().is_none() {
             return;
         }
+        self.grant_credit();
+        if let Err(fatal) = self.start_syncs(store) {
+            return self.fail(store, fatal);
+        }
+        if let Err(fatal) = self.announce(store) {
+            self.fail(store, fatal);
+        }
+    }
+
+    /// Grants the peer the announcements it used, once half a window is
+    /// due or nothing is wanted.
+    fn grant_credit(&mut self) {
+        if self.agreement().is_none() {
+            return;
+        }
         let r = &mut self.receiving;
         let window = u64::from(self.config.announce_window.max(1));
         if r.to_grant > 0 && (r.to_grant * 2 >= window || r.wanted.is_empty()) {
@@ -1121,12 +1192,6 @@ impl Session {
             r.to_grant -= u64::from(docs);
             r.granted += u64::from(docs);
             self.send(&Message::Credit(Credit { docs }));
-        }
-        if let Err(fatal) = self.start_syncs(store) {
-            return self.fail(store, fatal);
-        }
-        if let Err(fatal) = self.announce(store) {
-            self.fail(store, fatal);
         }
     }
 
