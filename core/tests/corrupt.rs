@@ -174,10 +174,12 @@ fn is_corrupt(result: &Result<concord_core::Document, DocError>, id: DocId) -> b
 }
 
 /// Options that compact after two changes, so a document created and
-/// changed once has a `snapshots` row.
+/// changed once has a `snapshots` row, and a document created only has a
+/// logged change.
 fn compacting() -> ReplicaOptions {
     let mut o = ReplicaOptions::default();
     o.compact_after_changes = 2;
+    o.compact_after_bytes = u64::MAX;
     o
 }
 
