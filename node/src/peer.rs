@@ -87,6 +87,9 @@ enum Wake {
     Timer,
     /// A handshake or stall deadline.
     Guard,
+    /// Received frames wait to be handled and the peer takes nothing more
+    /// of what was written before them just now.
+    Handle,
 }
 
 /// Runs a session with `peer` on the stream until it ends.
@@ -122,6 +125,7 @@ pub(crate) async fn run_session(
     loop {
         // Everything that may touch redb, in one go off the reactor: what
         // woke us, then pulling what the session has to send.
+        let handling = matches!(wake, Wake::Handle);
         tokio::task::block_in_place(|| {
             let at = now(context.started);
             match wake {
@@ -135,7 +139,7 @@ pub(crate) async fn run_session(
                     written += n;
                     progress = Instant::now();
                 }
-                Wake::Guard => {}
+                Wake::Guard | Wake::Handle => {}
                 Wake::Written(Err(e)) => {
                     debug!(%peer, error = %e, "stream closed while writing");
                     session.handle_disconnect(&replica, at);
@@ -155,15 +159,19 @@ pub(crate) async fn run_session(
                 out.clear();
                 written = 0;
             }
+            // What the session queued before received frames it has not
+            // handled yet is written first, as far as the peer takes it at
+            // once: handling them may commit.
+            let mut flush = !handling;
             while out.len() - written < PENDING_BYTES {
-                // What the session queued before received frames it has not
-                // handled yet goes first: handling them may commit.
-                if written < out.len()
+                if flush
+                    && written < out.len()
                     && session.queued_bytes() == 0
                     && session.has_unhandled_input()
                 {
                     break;
                 }
+                flush = true;
                 match session.poll_transmit(&replica) {
                     Some(frame) => out.extend_from_slice(&frame),
                     None => break,
@@ -258,6 +266,7 @@ pub(crate) async fn run_session(
             }
         };
         let reading = session.wants_input() && !session.is_closed();
+        let handle_now = session.has_unhandled_input() && session.queued_bytes() == 0;
         wake = tokio::select! {
             biased;
             changed = context.connected.changed() => {
@@ -268,6 +277,10 @@ pub(crate) async fn run_session(
                 }
             }
             w = send.write(&out[written..]), if written < out.len() => Wake::Written(w),
+            // Not written at once (the peer's window is full): carry on
+            // with the received frames rather than wait for the peer, which
+            // may itself be waiting for us to read.
+            () = std::future::ready(()), if handle_now => Wake::Handle,
             r = recv.read(&mut buf), if reading => Wake::Read(r),
             _ = context.feed.changed() => Wake::Feed,
             () = sleep => Wake::Timer,

@@ -457,8 +457,9 @@ impl Session {
         self.receiving.checkpoint
     }
 
-    /// True when the peer's announcements so far are all stored here and
-    /// nothing waits to be sent. (automerge's sync protocol has no closing
+    /// True when the peer's announcements so far are all stored here, no
+    /// received frame waits to be handled and nothing waits to be sent.
+    /// (automerge's sync protocol has no closing
     /// message: a side whose last message needed no answer keeps its sync
     /// state until the session ends, so open exchanges do not count.)
     pub fn is_idle(&self) -> bool {
@@ -520,6 +521,10 @@ impl Session {
             return;
         }
         self.stats.bytes_received += bytes.len() as u64;
+        if self.broken.is_some() {
+            // Nothing after the frame that broke the stream is handled.
+            return self.handle_inbox(store, true);
+        }
         self.decoder.push(bytes);
         // Every whole frame received, then the error that ends them if one
         // does (it ends the session once the frames before it are handled).
@@ -538,7 +543,7 @@ impl Session {
                 Err(e) => self.broken = Some(Fatal::from(&e)),
             }
         }
-        self.handle_inbox(store);
+        self.handle_inbox(store, true);
     }
 
     /// Whether received frames wait to be handled (see
@@ -555,9 +560,10 @@ impl Session {
     /// Handles received frames in order. Each run of consecutive `Sync`
     /// frames has its changes stored together first, once the frames before
     /// it are handled (one of which may have ended the session, or announced
-    /// documents). Stops early when frames are queued for the peer and more
-    /// received ones wait.
-    fn handle_inbox<S: SyncStore>(&mut self, store: &S) {
+    /// documents). With `yielding`, stops early when frames are queued for
+    /// the peer and more received ones wait, and makes progress once all are
+    /// handled; without, handles them all (the session is about to end).
+    fn handle_inbox<S: SyncStore>(&mut self, store: &S, yielding: bool) {
         while !self.inbox.is_empty() {
             let mut run = Vec::new();
             while let Some(message) = self.inbox.pop_front() {
@@ -590,7 +596,7 @@ impl Session {
             // frames that wait are handled (which may load documents and
             // commit). Exchanges are not started here: the frames waiting
             // may answer them.
-            if !self.inbox.is_empty() {
+            if yielding && !self.inbox.is_empty() {
                 self.grant_credit();
                 if let Err(fatal) = self.announce(store) {
                     return self.fail(store, fatal);
@@ -606,7 +612,9 @@ impl Session {
             }
             return;
         }
-        self.make_progress(store);
+        if yielding {
+            self.make_progress(store);
+        }
     }
 
     /// The replica committed something: announce what the peer lacks.
@@ -666,6 +674,11 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        // What was received before the loss is handled (stored) first.
+        self.handle_inbox(store, false);
+        if self.is_closed() {
+            return;
+        }
         self.end(store);
         self.events.push_back(Event::Closed {
             code: ErrorCode::Closing.as_u16(),
@@ -680,6 +693,11 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        // What was received before is handled (stored) first.
+        self.handle_inbox(store, false);
+        if self.is_closed() {
+            return;
+        }
         self.fail(store, Fatal::new(code, reason));
     }
 
@@ -690,7 +708,7 @@ impl Session {
             if self.inbox.is_empty() {
                 self.make_progress(store);
             } else {
-                self.handle_inbox(store);
+                self.handle_inbox(store, true);
             }
         }
         let frame = self.outbox.pop_front()?;
@@ -1165,13 +1183,18 @@ impl Session {
     // ----- reconciliation ----------------------------------------------------
 
     /// Does what the session can without input: grants credit, announces
-    /// from the feed, starts syncs, while the transmit queue has room.
+    /// from the feed, starts syncs (once no received frames wait), while the
+    /// transmit queue has room.
     fn make_progress<S: SyncStore>(&mut self, store: &S) {
         if self.agreement().is_none() {
             return;
         }
         self.grant_credit();
-        if let Err(fatal) = self.start_syncs(store) {
+        // Frames waiting to be handled may answer the exchanges that would
+        // start here.
+        if self.inbox.is_empty()
+            && let Err(fatal) = self.start_syncs(store)
+        {
             return self.fail(store, fatal);
         }
         if let Err(fatal) = self.announce(store) {

@@ -244,6 +244,42 @@ fn drain(session: &mut Session, store: &Replica) -> Vec<u8> {
     bytes
 }
 
+/// After offline edits on both sides (documents 0–9 on A, 10–19 on B),
+/// new sessions as far as B's first read: A's `Subscribe` with its
+/// announcements and pushes, all in one read, handed to B.
+fn subscribe_and_pushes_in_one_read(a: &Replica, b: &Replica, ids: &[DocId]) -> (Session, Session) {
+    offline_edits_then_reconnect(a, b, ids, ("first_a", "first_b"));
+    change(a, &ids[..10], "second_a");
+    change(b, &ids[10..20], "second_b");
+    let now = Duration::ZERO;
+    let mut at_a = Session::new(SessionConfig::new(A, B), now);
+    let mut at_b = Session::new(SessionConfig::new(B, A), now);
+    // The Hellos cross; each side then subscribes.
+    let hello_a = drain(&mut at_a, a);
+    let hello_b = drain(&mut at_b, b);
+    at_a.handle_input(a, &hello_b, now);
+    at_b.handle_input(b, &hello_a, now);
+    let subscribe_b = drain(&mut at_b, b);
+    // A's Subscribe, then (once B's reaches it) its announcements and pushes.
+    let mut flight = drain(&mut at_a, a);
+    at_a.handle_input(a, &subscribe_b, now);
+    let pushes = drain(&mut at_a, a);
+    assert!(
+        pushes.len() > 1000,
+        "A pushed its changes: {} bytes",
+        pushes.len()
+    );
+    flight.extend_from_slice(&pushes);
+    at_b.handle_input(b, &flight, now);
+    (at_a, at_b)
+}
+
+/// Whether `b` holds A's second offline edit of document 0.
+fn has_a_edit(b: &Replica, ids: &[DocId]) -> bool {
+    let doc = b.read().expect("read").get(ids[0]).expect("doc");
+    doc.to_json().get("second_a").is_some()
+}
+
 /// When the peer's `Subscribe` arrives in one read with its announcements
 /// and pushed changes, the answer (our own announcements and pushes) is
 /// queued, and can leave, before the changes are stored: the two sides'
@@ -251,33 +287,8 @@ fn drain(session: &mut Session, store: &Replica) -> Vec<u8> {
 #[test]
 fn the_answer_to_subscribe_leaves_before_the_changes_read_with_it_are_stored() {
     let (a, b, ids) = shared_replicas(100);
-    offline_edits_then_reconnect(&a, &b, &ids, ("first_a", "first_b"));
-    change(&a, &ids[..10], "second_a");
-    change(&b, &ids[10..20], "second_b");
+    let (mut at_a, mut at_b) = subscribe_and_pushes_in_one_read(&a, &b, &ids);
     let now = Duration::ZERO;
-    let mut at_a = Session::new(SessionConfig::new(A, B), now);
-    let mut at_b = Session::new(SessionConfig::new(B, A), now);
-    // The Hellos cross; each side then subscribes.
-    let hello_a = drain(&mut at_a, &a);
-    let hello_b = drain(&mut at_b, &b);
-    at_a.handle_input(&a, &hello_b, now);
-    at_b.handle_input(&b, &hello_a, now);
-    let subscribe_b = drain(&mut at_b, &b);
-    // A's Subscribe, then (once B's reaches it) its announcements and pushes.
-    let mut flight = drain(&mut at_a, &a);
-    at_a.handle_input(&a, &subscribe_b, now);
-    let pushes = drain(&mut at_a, &a);
-    assert!(
-        pushes.len() > 1000,
-        "A pushed its changes: {} bytes",
-        pushes.len()
-    );
-    flight.extend_from_slice(&pushes);
-    let has_a_edit = |b: &Replica| {
-        let doc = b.read().expect("read").get(ids[0]).expect("doc");
-        doc.to_json().get("second_a").is_some()
-    };
-    at_b.handle_input(&b, &flight, now);
     assert!(
         at_b.has_unhandled_input(),
         "B handled the whole read at once"
@@ -286,7 +297,10 @@ fn the_answer_to_subscribe_leaves_before_the_changes_read_with_it_are_stored() {
         !at_b.wants_input(),
         "B wants more input with frames unhandled"
     );
-    assert!(!has_a_edit(&b), "B stored A's changes before answering");
+    assert!(
+        !has_a_edit(&b, &ids),
+        "B stored A's changes before answering"
+    );
     // B's answer: its announcements and the pushes of its own edits.
     let mut answer = Vec::new();
     while at_b.queued_bytes() > 0 {
@@ -298,13 +312,13 @@ fn the_answer_to_subscribe_leaves_before_the_changes_read_with_it_are_stored() {
         answer.len()
     );
     assert!(
-        !has_a_edit(&b),
+        !has_a_edit(&b, &ids),
         "B stored A's changes before its answer left"
     );
     // The next frame pulled carries on with what A sent.
     let rest = drain(&mut at_b, &b);
     assert!(!at_b.has_unhandled_input());
-    assert!(has_a_edit(&b), "B never stored A's changes");
+    assert!(has_a_edit(&b, &ids), "B never stored A's changes");
     assert!(!rest.is_empty(), "B did not answer A's pushes");
     // A takes B's answer, then the rest, and both converge.
     at_a.handle_input(&a, &answer, now);
@@ -331,4 +345,18 @@ fn the_answer_to_subscribe_leaves_before_the_changes_read_with_it_are_stored() {
         );
     }
     assert_eq!(ra.get(ids[10]).expect("a").to_json()["second_b"], 1);
+}
+
+/// Frames read but not handled yet when the connection drops are handled
+/// (their changes stored) before the session ends.
+#[test]
+fn frames_read_before_a_lost_connection_are_still_stored() {
+    let (a, b, ids) = shared_replicas(100);
+    let (_at_a, mut at_b) = subscribe_and_pushes_in_one_read(&a, &b, &ids);
+    assert!(at_b.has_unhandled_input());
+    assert!(!has_a_edit(&b, &ids));
+    at_b.handle_disconnect(&b, Duration::ZERO);
+    assert!(at_b.is_closed());
+    assert!(!at_b.has_unhandled_input());
+    assert!(has_a_edit(&b, &ids), "the changes read were dropped");
 }
