@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use automerge::{Automerge, Change, ChangeHash};
 use redb::{ReadableTable, Table, WriteTransaction};
 
+use crate::cache;
 use crate::contain;
 use crate::document;
 use crate::error::{ApplyError, CommitError, DocError, StorageError};
@@ -317,7 +318,7 @@ fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)>
                     // Only changes waiting for dependencies: nothing to read.
                     continue;
                 }
-                let weight = current.row.weight();
+                let weight = cache::weight(&current.doc);
                 shared
                     .cache
                     .insert(id, current.row.heads(), current.doc, weight);
@@ -716,7 +717,7 @@ fn prepare_remote_doc(
             restore.retain(|(rid, _)| *rid != id);
             finished.insert(id, cur);
         } else if !cur.row.heads.is_empty() {
-            let weight = cur.row.weight();
+            let weight = cache::weight(&cur.doc);
             shared.cache.insert(id, cur.row.heads(), cur.doc, weight);
         }
         return Ok(None);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use crate::cache;
 use crate::document::{self, Document};
 use crate::error::{DocError, StorageError};
 use crate::feed::{FeedEntry, FeedPage};
@@ -77,7 +78,7 @@ impl Snapshot {
         let doc = Arc::new(document::load(id, row, &snapshots, &log)?);
         self.shared
             .cache
-            .insert(id, heads, Arc::clone(&doc), row.weight());
+            .insert(id, heads, Arc::clone(&doc), cache::weight(&doc));
         Ok(doc)
     }
 

@@ -76,24 +76,6 @@ impl DocRow {
     pub(crate) fn heads(&self) -> Heads {
         Heads::from_raw(self.heads.clone())
     }
-
-    /// Approximate resident bytes of the loaded document, for the cache budget.
-    ///
-    /// Measured on automerge 0.12 (RSS growth per loaded document): an empty
-    /// or one-change document occupies about 17 KB of heap, and each byte of
-    /// its saved (compressed) form about 45 more: 121 B saved → 17 KB,
-    /// 524 B → 33 KB, 4 KB → 191 KB, 44 KB → 2 MB. A change in the log,
-    /// stored on its own, is far less compressed: about 200 bytes of heap
-    /// per op against some 70 stored. The estimate errs high rather than let
-    /// the cache exceed its budget.
-    pub(crate) fn weight(&self) -> usize {
-        let heap = self
-            .snapshot_bytes
-            .saturating_mul(48)
-            .saturating_add(self.log_bytes.saturating_mul(4))
-            .saturating_add(18 << 10);
-        usize::try_from(heap).unwrap_or(usize::MAX)
-    }
 }
 
 /// How the file is opened.

@@ -655,7 +655,9 @@ fn randomly_damaged_files_never_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base_path = dir.path().join("base.redb");
     let mut options = ReplicaOptions::default();
+    // Every third change: the files hold both snapshots and logged changes.
     options.compact_after_changes = 3;
+    options.compact_after_bytes = u64::MAX;
     let replica = Replica::open_with(&base_path, options.clone()).expect("open");
     let mut expected: Vec<(DocId, Value)> = Vec::new();
     for i in 0..12i64 {

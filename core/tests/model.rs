@@ -158,11 +158,15 @@ proptest! {
     fn random_transactions_match_the_model(
         steps in prop::collection::vec(step(), 1..25),
         compact_after in 2u32..20,
+        fold_by_bytes in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         let mut options = ReplicaOptions::default();
         options.compact_after_changes = compact_after;
+        if !fold_by_bytes {
+            options.compact_after_bytes = u64::MAX;
+        }
         let mut replica = Replica::open_with(&path, options.clone()).unwrap();
         let mut model = Model::new();
         let mut seq = 0;

@@ -596,7 +596,9 @@ fn compaction_keeps_content_and_history() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");
     let mut options = ReplicaOptions::default();
+    // Every eighth change, so reads replay logged changes on a snapshot.
     options.compact_after_changes = 8;
+    options.compact_after_bytes = u64::MAX;
     let (id, heads_at_5) = {
         let replica = Replica::open_with(&path, options.clone()).unwrap();
         let id = create(&replica, "v", 0);

@@ -286,8 +286,13 @@ impl Sim {
         options.clock = Arc::new(|| 1_700_000_000);
         options.cache_bytes = 4 << 20;
         options.store_cache_bytes = 4 << 20;
-        // Small thresholds so compaction runs during the simulation.
+        // Small thresholds so compaction runs during the simulation; half
+        // the time by change count only, so documents also load from
+        // snapshots with logged changes on them.
         options.compact_after_changes = 16;
+        if self.rng.random_bool(0.5) {
+            options.compact_after_bytes = u64::MAX;
+        }
         options
     }
 
