@@ -459,9 +459,9 @@ impl Session {
 
     /// True when the peer's announcements so far are all stored here, no
     /// received frame waits to be handled and nothing waits to be sent.
-    /// (automerge's sync protocol has no closing
-    /// message: a side whose last message needed no answer keeps its sync
-    /// state until the session ends, so open exchanges do not count.)
+    /// (automerge's sync protocol has no closing message: a side whose last
+    /// message needed no answer keeps its sync state until the session
+    /// ends, so open exchanges do not count.)
     pub fn is_idle(&self) -> bool {
         self.receiving.wanted.is_empty()
             && self.outbox.is_empty()
@@ -594,14 +594,10 @@ impl Session {
             self.prestored.clear();
             // Let the credit and announcements due so far leave before the
             // frames that wait are handled (which may load documents and
-            // commit). Exchanges are not started here: the frames waiting
-            // may answer them.
+            // commit); `make_progress` starts no exchange while they wait.
             if yielding && !self.inbox.is_empty() {
-                self.grant_credit();
-                if let Err(fatal) = self.announce(store) {
-                    return self.fail(store, fatal);
-                }
-                if !self.outbox.is_empty() {
+                self.make_progress(store);
+                if self.is_closed() || !self.outbox.is_empty() {
                     return;
                 }
             }
@@ -1189,7 +1185,14 @@ impl Session {
         if self.agreement().is_none() {
             return;
         }
-        self.grant_credit();
+        let r = &mut self.receiving;
+        let window = u64::from(self.config.announce_window.max(1));
+        if r.to_grant > 0 && (r.to_grant * 2 >= window || r.wanted.is_empty()) {
+            let docs = u32::try_from(r.to_grant).unwrap_or(u32::MAX);
+            r.to_grant -= u64::from(docs);
+            r.granted += u64::from(docs);
+            self.send(&Message::Credit(Credit { docs }));
+        }
         // Frames waiting to be handled may answer the exchanges that would
         // start here.
         if self.inbox.is_empty()
@@ -1199,22 +1202,6 @@ impl Session {
         }
         if let Err(fatal) = self.announce(store) {
             self.fail(store, fatal);
-        }
-    }
-
-    /// Grants the peer the announcements it used, once half a window is
-    /// due or nothing is wanted.
-    fn grant_credit(&mut self) {
-        if self.agreement().is_none() {
-            return;
-        }
-        let r = &mut self.receiving;
-        let window = u64::from(self.config.announce_window.max(1));
-        if r.to_grant > 0 && (r.to_grant * 2 >= window || r.wanted.is_empty()) {
-            let docs = u32::try_from(r.to_grant).unwrap_or(u32::MAX);
-            r.to_grant -= u64::from(docs);
-            r.granted += u64::from(docs);
-            self.send(&Message::Credit(Credit { docs }));
         }
     }
 
