@@ -85,8 +85,11 @@ pub struct ReplicaOptions {
     /// document then loads from its snapshot rather than by replaying its
     /// changes, about twice as fast (a snapshot of 11 changes, 174 bytes:
     /// 50–80 µs, against 120–170 µs for the 978 bytes of the changes), and
-    /// folding it costs little (`save` of such a document: 5 µs). A large
-    /// one is folded about once per snapshot's worth of changes.
+    /// folding it costs little (`save` of such a document: 5 µs). A larger
+    /// one is folded by this rule only once its log also holds a sixteenth
+    /// of its changes: `save` is linear in the whole document, and a
+    /// well-compressing document's snapshot can weigh less than two of its
+    /// changes, so by bytes alone it would be folded every few commits.
     pub compact_after_bytes: u64,
     /// The most received changes per document kept waiting for missing
     /// dependencies (default 10,000); past it, [`Replica::apply`] refuses.

@@ -620,14 +620,30 @@ fn compaction_keeps_content_and_history() {
     assert!(file_size > 0);
 }
 
+/// The stored layout of one document, read from the closed store's file:
+/// its snapshot's bytes, and the number and bytes of its logged changes.
+fn stored_layout(path: &std::path::Path, id: DocId) -> (usize, usize, usize) {
+    use redb::{ReadableDatabase, TableDefinition};
+    const SNAPSHOTS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new("snapshots");
+    const LOG: TableDefinition<'_, ([u8; 16], u64), &[u8]> = TableDefinition::new("log");
+    let db = redb::Database::open(path).unwrap();
+    let read = db.begin_read().unwrap();
+    let snapshots = read.open_table(SNAPSHOTS).unwrap();
+    let snapshot = snapshots.get(*id.as_bytes()).unwrap().expect("a snapshot");
+    let log = read.open_table(LOG).unwrap();
+    let logged: Vec<usize> = log
+        .range((*id.as_bytes(), 0)..=(*id.as_bytes(), u64::MAX))
+        .unwrap()
+        .map(|row| row.unwrap().1.value().len())
+        .collect();
+    (snapshot.value().len(), logged.len(), logged.iter().sum())
+}
+
 /// With the default options a small document is kept as a snapshot and a
 /// log no larger than it: loading it replays few changes (a 174-byte
 /// snapshot loads in about half the time of the 11 changes it folds).
 #[test]
 fn a_small_document_is_folded_once_its_log_outweighs_its_snapshot() {
-    use redb::{ReadableDatabase, TableDefinition};
-    const SNAPSHOTS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new("snapshots");
-    const LOG: TableDefinition<'_, ([u8; 16], u64), &[u8]> = TableDefinition::new("log");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");
     let id = {
@@ -640,27 +656,55 @@ fn a_small_document_is_folded_once_its_log_outweighs_its_snapshot() {
         }
         id
     };
-    {
-        let db = redb::Database::open(&path).unwrap();
-        let read = db.begin_read().unwrap();
-        let snapshots = read.open_table(SNAPSHOTS).unwrap();
-        let snapshot = snapshots.get(*id.as_bytes()).unwrap().expect("a snapshot");
-        let log = read.open_table(LOG).unwrap();
-        let logged: usize = log
-            .range((*id.as_bytes(), 0)..=(*id.as_bytes(), u64::MAX))
-            .unwrap()
-            .map(|row| row.unwrap().1.value().len())
-            .sum();
-        assert!(
-            logged <= snapshot.value().len(),
-            "{logged} bytes of log on a {}-byte snapshot",
-            snapshot.value().len()
-        );
-    }
+    let (snapshot, _, logged) = stored_layout(&path, id);
+    assert!(
+        logged <= snapshot,
+        "{logged} bytes of log on a {snapshot}-byte snapshot"
+    );
     let replica = Replica::open(&path).unwrap();
     let doc = replica.read().unwrap().get(id).unwrap();
     assert_eq!(doc.to_json(), json!({"v": 30}));
     assert_eq!(doc.history().len(), 31);
+}
+
+/// A document whose snapshot compresses far below its changes (one key
+/// overwritten: 1,000 changes save to 1.7 KB) is not folded each time a few
+/// changes outweigh the snapshot, which would cost a whole-document `save`
+/// every few commits; it waits until its log holds a sixteenth of its
+/// changes, and never holds more.
+#[test]
+fn a_large_document_is_folded_once_its_log_holds_a_sixteenth_of_its_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let mut replica = Replica::open(&path).unwrap();
+    let id = create(&replica, "v", 0);
+    let mut changes = 1;
+    for v in 1..1_000 {
+        change(&replica, id, "v", v);
+        changes += 1;
+    }
+    let mut outweighed = false;
+    for _ in 0..8 {
+        for _ in 0..10 {
+            change(&replica, id, "v", changes);
+            changes += 1;
+        }
+        drop(replica);
+        let (snapshot, count, logged) = stored_layout(&path, id);
+        assert!(
+            count * 16 < changes as usize + 16,
+            "{count} logged changes of {changes}"
+        );
+        outweighed |= logged > snapshot;
+        replica = Replica::open(&path).unwrap();
+    }
+    assert!(
+        outweighed,
+        "the log never outweighed the snapshot: folded as soon as it did"
+    );
+    let doc = replica.read().unwrap().get(id).unwrap();
+    assert_eq!(doc.to_json(), json!({"v": changes - 1}));
+    assert_eq!(doc.history().len(), changes as usize);
 }
 
 #[test]
