@@ -678,11 +678,12 @@ fn a_large_document_is_folded_once_its_log_holds_a_sixteenth_of_its_changes() {
     let path = dir.path().join("store.redb");
     let mut replica = Replica::open(&path).unwrap();
     let id = create(&replica, "v", 0);
-    let mut changes = 1;
     for v in 1..1_000 {
         change(&replica, id, "v", v);
-        changes += 1;
     }
+    // The creation and 999 changes; each later change sets `v` to the count
+    // before it.
+    let mut changes: i64 = 1_000;
     let mut outweighed = false;
     for _ in 0..8 {
         for _ in 0..10 {
