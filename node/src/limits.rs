@@ -21,8 +21,11 @@ pub struct Limits {
     /// Documents this node reconciles with one peer at once
     /// (`max_docs_in_flight`). Default 64.
     pub max_docs_in_flight: usize,
-    /// Sync exchanges one peer may hold open with this node
-    /// (`max_peer_exchanges`). Default 1,024.
+    /// Sync states of finished exchanges with one peer kept in memory, least
+    /// recently used dropped first (`max_peer_exchanges`; see
+    /// `SessionConfig::max_peer_exchanges`). Exchanges the peer starts end
+    /// with this node's answer, so a peer cannot hold more open. Default
+    /// 1,024.
     pub max_peer_exchanges: usize,
     /// Bytes queued for one connection before the session stops producing
     /// and the node stops reading from the peer (`connection_buffer_bytes`).

@@ -61,11 +61,6 @@ const SYNC_OVERHEAD: usize = 64;
 /// Sync states held for saving before a save is forced.
 const MAX_UNSAVED_STATES: usize = 1024;
 
-/// Sync states of finished exchanges kept in memory, most recent first out
-/// last, so a local change to one of those documents is pushed to the peer
-/// with its announcement instead of waiting for the peer to ask.
-const MAX_IDLE_STATES: usize = 1024;
-
 /// Documents whose refused writes a session remembers, to report each once;
 /// past this, every refusal is reported.
 const MAX_REFUSED_TRACKED: usize = 4096;
@@ -105,7 +100,14 @@ pub struct SessionConfig {
     pub announce_page: usize,
     /// Documents we reconcile at once. Default 64.
     pub max_docs_in_flight: usize,
-    /// Sync exchanges the peer may hold open with us at once. Default 1,024.
+    /// States of finished sync exchanges kept in memory, least recently
+    /// used dropped first (a dropped one is read back from the store, as
+    /// saved, when the document syncs again). They let a local change to
+    /// one of those documents go to the peer with its announcement instead
+    /// of waiting for the peer to ask. Open exchanges are ours alone (at
+    /// most `max_docs_in_flight` requests, and pushes taken from these
+    /// states): an exchange the peer starts ends with our answer. Default
+    /// 1,024.
     pub max_peer_exchanges: usize,
     /// Bytes queued for transmission beyond which the session stops
     /// generating more (reading the feed, starting syncs) and the driver
@@ -340,7 +342,8 @@ pub struct Session {
     regrant: Option<Regrant>,
     /// The access fingerprint to record with the next save.
     grant_to_save: Option<u64>,
-    unsaved_states: Vec<(DocId, Vec<u8>)>,
+    /// Sync states to save, the latest of each document.
+    unsaved_states: HashMap<DocId, Vec<u8>>,
     /// Documents whose received changes [`Session::prestore`] stored for
     /// the frames being handled, and how many changes were new.
     prestored: HashMap<DocId, usize>,
@@ -417,7 +420,7 @@ impl Session {
             retried: HashSet::new(),
             regrant: None,
             grant_to_save: None,
-            unsaved_states: Vec::new(),
+            unsaved_states: HashMap::new(),
             prestored: HashMap::new(),
             checkpoint_dirty: false,
             next_save: None,
@@ -459,14 +462,22 @@ impl Session {
 
     /// True when the peer's announcements so far are all stored here, no
     /// received frame waits to be handled and nothing waits to be sent.
-    /// (automerge's sync protocol has no closing message: a side whose last
-    /// message needed no answer keeps its sync state until the session
-    /// ends, so open exchanges do not count.)
+    /// (An exchange we opened with a push stays open until the peer answers,
+    /// so open exchanges do not count.)
     pub fn is_idle(&self) -> bool {
         self.receiving.wanted.is_empty()
             && self.outbox.is_empty()
             && self.inbox.is_empty()
             && !self.sending.as_ref().is_some_and(|s| s.held)
+    }
+
+    /// Sync exchanges open: those waiting on our requests for documents
+    /// the peer announced (at most [`SessionConfig::max_docs_in_flight`]) and
+    /// on the peer's answers to changes we pushed. An exchange the peer
+    /// started ends with our answer. Finished exchanges' states are kept
+    /// apart, at most [`SessionConfig::max_peer_exchanges`].
+    pub fn open_exchanges(&self) -> usize {
+        self.exchanges.len()
     }
 
     /// Documents the peer announced that are not stored here yet, by state:
@@ -1169,7 +1180,7 @@ impl Session {
         self.next_save = None;
         let progress = PeerProgress {
             checkpoint: self.checkpoint_dirty.then_some(self.receiving.checkpoint),
-            sync_states: std::mem::take(&mut self.unsaved_states),
+            sync_states: self.unsaved_states.drain().collect(),
             grant: self.grant_to_save.take(),
         };
         self.checkpoint_dirty = false;
@@ -1261,11 +1272,19 @@ impl Session {
                 continue;
             }
             let am = &working;
+            let space = self
+                .receiving
+                .wanted
+                .get(&doc)
+                .map(|w| w.space.clone())
+                .unwrap_or_default();
+            self.restrict(&mut state, &space);
             let mut message = generate(am, &mut state, &mut self.stats.changes_sent);
             if message.is_none() {
                 // automerge believes the peer has nothing for us: start over
                 // from what was last shared.
                 state = SyncState::decode(&state.encode()).unwrap_or_else(|_| SyncState::new());
+                self.restrict(&mut state, &space);
                 message = generate(am, &mut state, &mut self.stats.changes_sent);
             }
             match message {
@@ -1316,7 +1335,7 @@ impl Session {
             && keep_state
         {
             if self.config.persist_sync_states {
-                self.unsaved_states.push((doc, state.encode()));
+                self.unsaved_states.insert(doc, state.encode());
                 self.schedule_save();
                 if self.unsaved_states.len() >= MAX_UNSAVED_STATES {
                     // Save at the next turn rather than hold more.
@@ -1339,13 +1358,23 @@ impl Session {
         if self.idle.insert(doc, state).is_none() {
             self.idle_order.push_back(doc);
         }
-        while self.idle.len() > MAX_IDLE_STATES {
+        while self.idle.len() > self.config.max_peer_exchanges.max(1) {
             match self.idle_order.pop_front() {
                 Some(old) => {
                     self.idle.remove(&old);
                 }
                 None => break,
             }
+        }
+    }
+
+    /// Makes `state` read-only for a document in `space` if the peer may not
+    /// write the space: automerge then neither asks the peer for its changes
+    /// (which would be refused, and asked for again, for ever) nor applies
+    /// any, and tells the peer, which stops sending them.
+    fn restrict(&self, state: &mut SyncState, space: &str) {
+        if valid_space(space) && !self.config.access.can_write(space) {
+            state.set_read_only(true);
         }
     }
 
@@ -1394,6 +1423,7 @@ impl Session {
             Some(state) => state,
             None => self.state_for(store, doc)?,
         };
+        self.restrict(&mut state, ours.space());
         match generate(ours.automerge(), &mut state, &mut self.stats.changes_sent) {
             Some(Ok(bytes)) => {
                 self.exchanges.insert(doc, state);
@@ -1482,23 +1512,11 @@ impl Session {
                 return Ok(());
             }
         };
-        let state = match self.exchanges.remove(&doc) {
+        let mut state = match self.exchanges.remove(&doc) {
             Some(state) => state,
-            None => {
-                if self.exchanges.len() >= self.config.max_peer_exchanges {
-                    self.refuse_doc(
-                        doc,
-                        ErrorCode::LimitExceeded,
-                        format!(
-                            "more than {} documents syncing at once",
-                            self.config.max_peer_exchanges
-                        ),
-                    );
-                    return Ok(());
-                }
-                self.state_for(store, doc)?
-            }
+            None => self.state_for(store, doc)?,
         };
+        self.restrict(&mut state, &space);
         // The changes the message carries. automerge may apply only part of
         // what it receives (FINDINGS.md), so the session stores all of it
         // itself, before automerge sees the message: a received change is
@@ -1650,8 +1668,23 @@ impl Session {
         }
         match generate(&working, &mut next, &mut self.stats.changes_sent) {
             Some(Ok(bytes)) => {
+                // automerge's sync protocol has no closing message: whether
+                // the peer answers this one is its call. Only an exchange
+                // our own request waits on stays open; any other ends here,
+                // its state kept as a finished one's (saved, and bounded
+                // with them), and an answer from the peer takes it up again.
+                // Left open, it would hold memory for the whole session and
+                // keep a local change to the document from being pushed.
+                let waiting = self
+                    .receiving
+                    .wanted
+                    .get(&doc)
+                    .is_some_and(|w| w.state == WantState::InFlight);
                 self.exchanges.insert(doc, next);
                 self.send_sync(doc, bytes);
+                if !waiting {
+                    self.end_exchange(doc, true);
+                }
             }
             Some(Err(reason)) => {
                 self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, reason);
@@ -1691,7 +1724,6 @@ impl Session {
         let access = &self.config.access;
         let mut batch: Vec<Incoming> = Vec::new();
         let mut counts = HashMap::new();
-        let mut exchanges = self.exchanges.len();
         let mut seen = HashSet::new();
         for message in messages {
             let Message::Sync(s) = message else { continue };
@@ -1699,15 +1731,6 @@ impl Session {
             if !seen.insert(doc) {
                 // A second frame for it: handled on its own.
                 continue;
-            }
-            // Every frame that may open an exchange takes a slot, in order,
-            // as `handle_sync` will count them: changes are stored only for
-            // a frame whose exchange will be taken.
-            if !self.exchanges.contains_key(&doc) {
-                exchanges += 1;
-                if exchanges > self.config.max_peer_exchanges {
-                    continue;
-                }
             }
             let Ok(message) = sync_message::decode(&s.data) else {
                 continue;

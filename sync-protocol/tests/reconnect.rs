@@ -30,9 +30,6 @@ fn session(a: &Replica, b: &Replica) -> Traffic {
 /// credit at a time.
 fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
     let mut now = Duration::ZERO;
-    // Whether time has passed since frames last moved (announcements held
-    // for the announce interval go then).
-    let mut waited = false;
     let config = |local, peer| {
         let mut c = SessionConfig::new(local, peer);
         c.announce_window = window;
@@ -40,7 +37,29 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
     };
     let mut at_a = Session::new(config(A, B), now);
     let mut at_b = Session::new(config(B, A), now);
+    let traffic = carry(a, b, &mut at_a, &mut at_b, &mut now);
+    at_a.handle_disconnect(a, now);
+    at_b.handle_disconnect(b, now);
+    traffic
+}
+
+/// Carries frames between `at_a` (on `a`) and `at_b` (on `b`) until both
+/// are idle, after telling each of its replica's commits; returns the
+/// traffic.
+fn carry(
+    a: &Replica,
+    b: &Replica,
+    at_a: &mut Session,
+    at_b: &mut Session,
+    now: &mut Duration,
+) -> Traffic {
+    // Whether time has passed since frames last moved (announcements held
+    // for the announce interval go then).
+    let mut waited = false;
     let mut traffic = Traffic::default();
+    // Commits since the sessions last ran.
+    at_a.handle_feed(a, *now);
+    at_b.handle_feed(b, *now);
     for round in 0.. {
         assert!(round < 100_000, "the sessions never went idle");
         // What one side has to send reaches the other in one read, as
@@ -48,9 +67,9 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
         let mut moved = false;
         for turn in 0..2 {
             let (from, to, at_from, at_to) = if turn == 0 {
-                (a, b, &mut at_a, &mut at_b)
+                (a, b, &mut *at_a, &mut *at_b)
             } else {
-                (b, a, &mut at_b, &mut at_a)
+                (b, a, &mut *at_b, &mut *at_a)
             };
             let mut bytes = Vec::new();
             while let Some(frame) = at_from.poll_transmit(from) {
@@ -59,8 +78,8 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
             }
             if !bytes.is_empty() {
                 traffic.bytes += bytes.len() as u64;
-                at_to.handle_input(to, &bytes, now);
-                at_to.handle_feed(to, now);
+                at_to.handle_input(to, &bytes, *now);
+                at_to.handle_feed(to, *now);
                 moved = true;
             }
         }
@@ -69,15 +88,13 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
         } else if waited && at_a.is_idle() && at_b.is_idle() {
             break;
         } else {
-            now += Duration::from_millis(10);
-            at_a.handle_timeout(a, now);
-            at_b.handle_timeout(b, now);
+            *now += Duration::from_millis(10);
+            at_a.handle_timeout(a, *now);
+            at_b.handle_timeout(b, *now);
             waited = true;
         }
     }
     assert!(!at_a.is_closed() && !at_b.is_closed(), "a session ended");
-    at_a.handle_disconnect(a, now);
-    at_b.handle_disconnect(b, now);
     traffic
 }
 
@@ -359,4 +376,67 @@ fn frames_read_before_a_lost_connection_are_still_stored() {
     assert!(at_b.is_closed());
     assert!(!at_b.has_unhandled_input());
     assert!(has_a_edit(&b, &ids), "the changes read were dropped");
+}
+
+/// Every exchange of a live session ends: the side whose answer the other
+/// does not answer keeps no state open for the rest of the session (one per
+/// document synced would grow without bound), and a later local change to
+/// the document goes out with its announcement.
+#[test]
+fn exchanges_end_in_a_live_session() {
+    let (a, b) = (
+        Replica::in_memory().expect("a"),
+        Replica::in_memory().expect("b"),
+    );
+    let mut now = Duration::ZERO;
+    let mut at_a = Session::new(SessionConfig::new(A, B), now);
+    let mut at_b = Session::new(SessionConfig::new(B, A), now);
+    carry(&a, &b, &mut at_a, &mut at_b, &mut now);
+    // A creates documents one commit at a time; B asks for each.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let mut tx = a.begin().expect("begin");
+        let (id, ()) = tx
+            .create(DEFAULT_SPACE, |d| d.put(ROOT, "n", i))
+            .expect("create");
+        tx.commit().expect("commit");
+        ids.push(id);
+        carry(&a, &b, &mut at_a, &mut at_b, &mut now);
+    }
+    assert_eq!(
+        (at_a.open_exchanges(), at_b.open_exchanges()),
+        (0, 0),
+        "exchanges left open after B fetched A's documents"
+    );
+    // B changes each; A asks for none of them: they are pushed.
+    let mut pushed = Traffic::default();
+    for id in &ids {
+        change(&b, &[*id], "from_b");
+        let t = carry(&a, &b, &mut at_a, &mut at_b, &mut now);
+        pushed.frames += t.frames;
+        pushed.bytes += t.bytes;
+    }
+    assert_eq!(
+        (at_a.open_exchanges(), at_b.open_exchanges()),
+        (0, 0),
+        "exchanges left open after B's changes"
+    );
+    let ra = a.read().expect("read");
+    for id in &ids {
+        assert_eq!(ra.get(*id).expect("a").to_json()["from_b"], 1);
+    }
+    // Each: B's announcement with its push; A's answer, a credit and an
+    // (empty) announcement of its commit, which came from B. A fetch adds a
+    // round trip: B's announcement, A's request, B's changes, A's answer.
+    assert!(
+        pushed.frames <= 5 * ids.len() as u64,
+        "B's changes were not pushed: {pushed:?} for {} documents",
+        ids.len()
+    );
+    while let Some(event) = at_a.poll_event() {
+        assert!(
+            !format!("{event:?}").contains("Error") && !format!("{event:?}").contains("Failed"),
+            "{event:?}"
+        );
+    }
 }
