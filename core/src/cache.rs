@@ -4,13 +4,31 @@
 //! An entry is valid for exactly one state of its document (its heads), so a
 //! reader at any snapshot can use it when the heads it sees match, and never
 //! sees a state from another snapshot.
+//!
+//! A writer takes its document out of the cache and changes it in place (no
+//! copy), and puts the new state back once it is durable. A reader that
+//! wants the document meanwhile would have to load it from the store, which
+//! costs far more than a copy (automerge 0.12, 10,000 changes: a clone
+//! 111 µs, a load 20.9 ms). So a document readers asked for while a writer
+//! had it out is *shared*: writers then leave it in place and work on a copy,
+//! for [`SHARED_TAKES`] takes after the last time a reader used it.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use automerge::{Automerge, ReadDoc};
 use lru::LruCache;
 
 use crate::{DocId, Heads};
+
+/// Takes of a shared document that leave it in place after a reader last
+/// used it; past them it is taken out again.
+const SHARED_TAKES: u32 = 64;
+
+/// Documents tracked as out with a writer, or as shared; past this the set
+/// is forgotten (a writer that never puts its document back leaves an id in
+/// it).
+const MAX_TRACKED: usize = 4096;
 
 /// Approximate resident bytes of a loaded document, for the cache budget,
 /// from what it holds rather than from how it is stored (a saved document
@@ -40,6 +58,11 @@ struct Entry {
 struct Inner {
     entries: LruCache<DocId, Entry>,
     used: usize,
+    /// Documents a writer took out and has not put back.
+    writing: HashSet<DocId>,
+    /// Shared documents, and the takes left before they are taken out again.
+    shared: HashMap<DocId, u32>,
+    misses: u64,
 }
 
 pub(crate) struct DocCache {
@@ -53,6 +76,9 @@ impl DocCache {
             inner: Mutex::new(Inner {
                 entries: LruCache::unbounded(),
                 used: 0,
+                writing: HashSet::new(),
+                shared: HashMap::new(),
+                misses: 0,
             }),
             budget,
         }
@@ -67,24 +93,49 @@ impl DocCache {
     /// The cached document at exactly these heads, shared.
     pub(crate) fn get(&self, id: DocId, heads: &Heads) -> Option<Arc<Automerge>> {
         let mut inner = self.lock();
-        match inner.entries.get(&id) {
+        let hit = match inner.entries.get(&id) {
             Some(entry) if &entry.heads == heads => Some(Arc::clone(&entry.doc)),
             _ => None,
+        };
+        if hit.is_some() {
+            if let Some(left) = inner.shared.get_mut(&id) {
+                *left = SHARED_TAKES;
+            }
+        } else {
+            inner.misses += 1;
+            if inner.writing.contains(&id) {
+                if inner.shared.len() >= MAX_TRACKED {
+                    inner.shared.clear();
+                }
+                inner.shared.insert(id, SHARED_TAKES);
+            }
         }
+        hit
     }
 
-    /// Removes the cached document if it is at these heads, for a writer that
-    /// will change it. The caller owns it afterwards and reinserts it (at new
-    /// heads) only once its changes are durable.
+    /// The cached document if it is at these heads, for a writer that will
+    /// change it; it puts the new state back (at new heads) only once its
+    /// changes are durable. A document readers share stays in place (the
+    /// writer's handle is then not the only one, so it copies before it
+    /// changes); any other is removed, and the writer owns it.
     pub(crate) fn take(&self, id: DocId, heads: &Heads) -> Option<Arc<Automerge>> {
         let mut inner = self.lock();
-        if inner.entries.peek(&id).is_some_and(|e| &e.heads == heads) {
-            let entry = inner.entries.pop(&id)?;
-            inner.used -= entry.weight;
-            Some(entry.doc)
-        } else {
-            None
+        if inner.entries.peek(&id).is_none_or(|e| &e.heads != heads) {
+            inner.misses += 1;
+            inner.note_writing(id);
+            return None;
         }
+        if let Some(left) = inner.shared.get_mut(&id) {
+            *left -= 1;
+            if *left == 0 {
+                inner.shared.remove(&id);
+            }
+            return inner.entries.peek(&id).map(|e| Arc::clone(&e.doc));
+        }
+        let entry = inner.entries.pop(&id)?;
+        inner.used -= entry.weight;
+        inner.note_writing(id);
+        Some(entry.doc)
     }
 
     /// Caches a document at its heads, evicting the least recently used
@@ -94,6 +145,7 @@ impl DocCache {
     /// or that one document. A budget of 0 caches nothing.
     pub(crate) fn insert(&self, id: DocId, heads: Heads, doc: Arc<Automerge>, weight: usize) {
         let mut inner = self.lock();
+        inner.writing.remove(&id);
         if let Some(old) = inner.entries.pop(&id) {
             inner.used -= old.weight;
         }
@@ -114,6 +166,21 @@ impl DocCache {
     pub(crate) fn usage(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.used, inner.entries.len())
+    }
+
+    /// Lookups that did not find the document at the state wanted (each
+    /// then loaded it from the store).
+    pub(crate) fn misses(&self) -> u64 {
+        self.lock().misses
+    }
+}
+
+impl Inner {
+    fn note_writing(&mut self, id: DocId) {
+        if self.writing.len() >= MAX_TRACKED {
+            self.writing.clear();
+        }
+        self.writing.insert(id);
     }
 }
 
@@ -151,6 +218,31 @@ mod tests {
         let off = DocCache::new(0);
         off.insert(ids[0], Heads::default(), Arc::new(Automerge::new()), 1);
         assert_eq!(off.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_document_readers_want_while_it_is_written_is_shared() {
+        let cache = DocCache::new(1 << 20);
+        let id = DocId::random();
+        let at = Heads::default();
+        let doc = || Arc::new(Automerge::new());
+        cache.insert(id, at.clone(), doc(), 1_000);
+        // Not shared: the writer takes it out, a reader misses.
+        assert!(cache.take(id, &at).is_some());
+        assert!(cache.get(id, &at).is_none());
+        cache.insert(id, at.clone(), doc(), 1_000);
+        // Now writers leave it to readers.
+        let taken = cache.take(id, &at).expect("take");
+        let read = cache.get(id, &at).expect("still cached");
+        assert!(Arc::ptr_eq(&taken, &read));
+        assert_eq!(cache.misses(), 1);
+        // Unread for SHARED_TAKES takes, the next takes it out again.
+        for _ in 0..SHARED_TAKES {
+            assert!(cache.take(id, &at).is_some());
+        }
+        assert!(cache.get(id, &at).is_some(), "taken out too soon");
+        assert!(cache.take(id, &at).is_some());
+        assert!(cache.get(id, &at).is_none());
     }
 
     /// The estimates stay above the heap measured for these documents

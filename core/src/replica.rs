@@ -390,6 +390,12 @@ impl Replica {
         self.shared.cache.usage()
     }
 
+    /// Document lookups that missed the document cache (each loaded the
+    /// document from the store: a snapshot and the changes logged since).
+    pub fn cache_misses(&self) -> u64 {
+        self.shared.cache.misses()
+    }
+
     /// The options this replica was opened with.
     pub fn options(&self) -> &ReplicaOptions {
         &self.shared.options

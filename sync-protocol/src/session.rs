@@ -61,6 +61,9 @@ const SYNC_OVERHEAD: usize = 64;
 /// Sync states held for saving before a save is forced.
 const MAX_UNSAVED_STATES: usize = 1024;
 
+/// Documents whose last sync message's time a session remembers, for pacing.
+const MAX_TRACKED_SENDS: usize = 4096;
+
 /// Documents whose refused writes a session remembers, to report each once;
 /// past this, every refusal is reported.
 const MAX_REFUSED_TRACKED: usize = 4096;
@@ -119,9 +122,12 @@ pub struct SessionConfig {
     /// Live commits are announced at most once per this interval: the
     /// first commit after a quiet interval is announced at once, commits
     /// within the interval after it wait for its end and are announced (and
-    /// their changes pushed) together. Under a stream of writes this sends
-    /// fewer, larger messages; a lone commit is not delayed. Catching up
-    /// (after the subscription or when credit returns) is never held.
+    /// their changes pushed) together. Likewise a document's changes made
+    /// within the interval after its last push: the peer's answer to the
+    /// push does not send them at once, they go at the interval's end.
+    /// Under a stream of writes this sends fewer, larger messages; a lone
+    /// commit is not delayed. Catching up (after the subscription or when
+    /// credit returns) is never held, nor is an answer the peer needs.
     /// Default 5 ms; zero announces every commit at once.
     pub announce_interval: Duration,
     /// Keep automerge sync states per document across sessions, so a
@@ -332,6 +338,12 @@ pub struct Session {
     /// States of finished exchanges (bounded, oldest evicted).
     idle: HashMap<DocId, SyncState>,
     idle_order: VecDeque<DocId>,
+    /// When we last sent a sync message for a document, for pacing (bounded:
+    /// forgotten past `MAX_TRACKED_SENDS`).
+    last_sent: HashMap<DocId, Duration>,
+    /// Documents whose next changes wait for the announce interval, and
+    /// when they go.
+    paced: HashMap<DocId, Duration>,
     in_flight: usize,
     /// Documents whose writes were refused in this session (reported once).
     refused: HashSet<DocId>,
@@ -415,6 +427,8 @@ impl Session {
             exchanges: HashMap::new(),
             idle: HashMap::new(),
             idle_order: VecDeque::new(),
+            last_sent: HashMap::new(),
+            paced: HashMap::new(),
             in_flight: 0,
             refused: HashSet::new(),
             retried: HashSet::new(),
@@ -466,6 +480,7 @@ impl Session {
     /// so open exchanges do not count.)
     pub fn is_idle(&self) -> bool {
         self.receiving.wanted.is_empty()
+            && self.paced.is_empty()
             && self.outbox.is_empty()
             && self.inbox.is_empty()
             && !self.sending.as_ref().is_some_and(|s| s.held)
@@ -648,7 +663,8 @@ impl Session {
             .as_ref()
             .filter(|s| s.held)
             .map(|s| s.quiet_until);
-        self.next_save.into_iter().chain(held).min()
+        let paced = self.paced.values().min().copied();
+        self.next_save.into_iter().chain(held).chain(paced).min()
     }
 
     /// Time passed: saves progress when due, and announces the commits held
@@ -672,7 +688,27 @@ impl Session {
                 return self.fail(store, Fatal::from(e));
             }
         }
+        if let Err(fatal) = self.push_paced(store) {
+            return self.fail(store, fatal);
+        }
         self.make_progress(store);
+    }
+
+    /// Pushes the documents whose paced changes are due.
+    fn push_paced<S: SyncStore>(&mut self, store: &S) -> Result<(), Fatal> {
+        let now = self.now;
+        let mut due: Vec<DocId> = self
+            .paced
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(doc, _)| *doc)
+            .collect();
+        due.sort();
+        for doc in due {
+            self.paced.remove(&doc);
+            self.push(store, doc)?;
+        }
+        Ok(())
     }
 
     /// The connection was lost: saves progress and ends the session.
@@ -772,6 +808,8 @@ impl Session {
         self.exchanges.clear();
         self.idle.clear();
         self.idle_order.clear();
+        self.last_sent.clear();
+        self.paced.clear();
         self.receiving.wanted.clear();
         self.receiving.queue.clear();
         self.next_save = None;
@@ -1455,6 +1493,10 @@ impl Session {
             doc: ByteArray::new(*doc.as_bytes()),
             data: ByteBuf::from(bytes),
         }));
+        if self.last_sent.len() >= MAX_TRACKED_SENDS {
+            self.last_sent.clear();
+        }
+        self.last_sent.insert(doc, self.now);
     }
 
     fn handle_sync<S: SyncStore>(&mut self, store: &S, s: SyncData) -> Result<(), Fatal> {
@@ -1613,6 +1655,7 @@ impl Session {
             Automerge::new()
         };
         drop(stored);
+        let peer_needs = !message.need.is_empty();
         let received = catch_unwind(AssertUnwindSafe(|| {
             let mut next = state.clone();
             working
@@ -1664,6 +1707,34 @@ impl Session {
                 // The bug: the checkpoint is saved now, the changes later.
                 self.save(store)?;
                 self.next_save = Some(self.now + self.config.save_interval);
+            }
+        }
+        // An answer that only acknowledges what we sent, less than the
+        // announce interval after we sent it: the changes we committed since
+        // wait for the interval's end and go together (a stream of commits
+        // then travels in a few messages, not one per commit: each answer
+        // would otherwise clock out the one or two commits made during the
+        // round trip). Only changes wait; any other answer goes at once.
+        let interval = self.config.announce_interval;
+        if !interval.is_zero()
+            && !peer_needs
+            && let Some(sent) = self.last_sent.get(&doc).copied()
+            && self.now < sent + interval
+            && !self
+                .receiving
+                .wanted
+                .get(&doc)
+                .is_some_and(|w| w.state == WantState::InFlight)
+            && contains_all(&working, next.their_heads.as_deref().unwrap_or_default())
+        {
+            let mut trial = next.clone();
+            let mut carried = 0;
+            let answer = generate(&working, &mut trial, &mut carried);
+            if carried > 0 && matches!(answer, Some(Ok(_))) {
+                self.exchanges.insert(doc, next);
+                self.end_exchange(doc, true);
+                self.paced.insert(doc, sent + interval);
+                return Ok(());
             }
         }
         match generate(&working, &mut next, &mut self.stats.changes_sent) {
