@@ -1310,19 +1310,22 @@ impl Session {
                 continue;
             }
             let am = &working;
-            let space = self
+            let read_only = self
                 .receiving
                 .wanted
                 .get(&doc)
-                .map(|w| w.space.clone())
-                .unwrap_or_default();
-            self.restrict(&mut state, &space);
+                .is_some_and(|w| self.read_only(&w.space));
+            if read_only {
+                state.set_read_only(true);
+            }
             let mut message = generate(am, &mut state, &mut self.stats.changes_sent);
             if message.is_none() {
                 // automerge believes the peer has nothing for us: start over
                 // from what was last shared.
                 state = SyncState::decode(&state.encode()).unwrap_or_else(|_| SyncState::new());
-                self.restrict(&mut state, &space);
+                if read_only {
+                    state.set_read_only(true);
+                }
                 message = generate(am, &mut state, &mut self.stats.changes_sent);
             }
             match message {
@@ -1358,6 +1361,14 @@ impl Session {
             .unwrap_or_else(SyncState::new))
     }
 
+    /// Whether our request for the announced `doc` waits on the peer.
+    fn requested(&self, doc: DocId) -> bool {
+        self.receiving
+            .wanted
+            .get(&doc)
+            .is_some_and(|w| w.state == WantState::InFlight)
+    }
+
     fn stall(&mut self, doc: DocId) {
         if let Some(want) = self.receiving.wanted.get_mut(&doc) {
             if want.state == WantState::InFlight {
@@ -1382,12 +1393,7 @@ impl Session {
             }
             self.keep_idle(doc, state);
         }
-        if self
-            .receiving
-            .wanted
-            .get(&doc)
-            .is_some_and(|w| w.state == WantState::InFlight)
-        {
+        if self.requested(doc) {
             self.stall(doc);
         }
     }
@@ -1411,9 +1417,14 @@ impl Session {
     /// (which would be refused, and asked for again, for ever) nor applies
     /// any, and tells the peer, which stops sending them.
     fn restrict(&self, state: &mut SyncState, space: &str) {
-        if valid_space(space) && !self.config.access.can_write(space) {
+        if self.read_only(space) {
             state.set_read_only(true);
         }
+    }
+
+    /// Whether a document in `space` is read-only towards the peer.
+    fn read_only(&self, space: &str) -> bool {
+        valid_space(space) && !self.config.access.can_write(space)
     }
 
     /// The state for a new exchange on `doc`: a finished exchange's, else
@@ -1715,29 +1726,33 @@ impl Session {
         // then travels in a few messages, not one per commit: each answer
         // would otherwise clock out the one or two commits made during the
         // round trip). Only changes wait; any other answer goes at once.
+        let requested = self.requested(doc);
         let interval = self.config.announce_interval;
-        if !interval.is_zero()
-            && !peer_needs
-            && let Some(sent) = self.last_sent.get(&doc).copied()
-            && self.now < sent + interval
-            && !self
-                .receiving
-                .wanted
-                .get(&doc)
-                .is_some_and(|w| w.state == WantState::InFlight)
-            && contains_all(&working, next.their_heads.as_deref().unwrap_or_default())
+        let pace_until = self
+            .last_sent
+            .get(&doc)
+            .map(|sent| *sent + interval)
+            .filter(|until| {
+                !interval.is_zero()
+                    && !peer_needs
+                    && !requested
+                    && self.now < *until
+                    && contains_all(&working, next.their_heads.as_deref().unwrap_or_default())
+            });
+        let unsent = pace_until.map(|until| (until, next.clone()));
+        let mut carried = 0;
+        let answer = generate(&working, &mut next, &mut carried);
+        if let Some((until, unsent)) = unsent
+            && carried > 0
+            && matches!(answer, Some(Ok(_)))
         {
-            let mut trial = next.clone();
-            let mut carried = 0;
-            let answer = generate(&working, &mut trial, &mut carried);
-            if carried > 0 && matches!(answer, Some(Ok(_))) {
-                self.exchanges.insert(doc, next);
-                self.end_exchange(doc, true);
-                self.paced.insert(doc, sent + interval);
-                return Ok(());
-            }
+            self.exchanges.insert(doc, unsent);
+            self.end_exchange(doc, true);
+            self.paced.insert(doc, until);
+            return Ok(());
         }
-        match generate(&working, &mut next, &mut self.stats.changes_sent) {
+        self.stats.changes_sent += carried;
+        match answer {
             Some(Ok(bytes)) => {
                 // automerge's sync protocol has no closing message: whether
                 // the peer answers this one is its call. Only an exchange
@@ -1746,14 +1761,9 @@ impl Session {
                 // with them), and an answer from the peer takes it up again.
                 // Left open, it would hold memory for the whole session and
                 // keep a local change to the document from being pushed.
-                let waiting = self
-                    .receiving
-                    .wanted
-                    .get(&doc)
-                    .is_some_and(|w| w.state == WantState::InFlight);
                 self.exchanges.insert(doc, next);
                 self.send_sync(doc, bytes);
-                if !waiting {
+                if !requested {
                     self.end_exchange(doc, true);
                 }
             }

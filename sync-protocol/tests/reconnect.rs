@@ -9,7 +9,7 @@ use concord_core::automerge::ROOT;
 use concord_core::automerge::transaction::Transactable;
 use concord_core::{DEFAULT_SPACE, DocId, Incoming, IncomingData, NodeId, Origin, Replica};
 use concord_sync_protocol::frame::{DEFAULT_MAX_FRAME, FrameDecoder};
-use concord_sync_protocol::{Message, Session, SessionConfig};
+use concord_sync_protocol::{Event, Message, Session, SessionConfig};
 
 const A: NodeId = NodeId::from_bytes([0xaa; 32]);
 const B: NodeId = NodeId::from_bytes([0xbb; 32]);
@@ -379,6 +379,14 @@ fn frames_read_before_a_lost_connection_are_still_stored() {
     assert!(has_a_edit(&b, &ids), "the changes read were dropped");
 }
 
+/// Sessions at A and B with default configs, not connected yet.
+fn live_sessions() -> (Session, Session) {
+    (
+        Session::new(SessionConfig::new(A, B), Duration::ZERO),
+        Session::new(SessionConfig::new(B, A), Duration::ZERO),
+    )
+}
+
 /// Every exchange of a live session ends: the side whose answer the other
 /// does not answer keeps no state open for the rest of the session (one per
 /// document synced would grow without bound), and a later local change to
@@ -390,8 +398,7 @@ fn exchanges_end_in_a_live_session() {
         Replica::in_memory().expect("b"),
     );
     let mut now = Duration::ZERO;
-    let mut at_a = Session::new(SessionConfig::new(A, B), now);
-    let mut at_b = Session::new(SessionConfig::new(B, A), now);
+    let (mut at_a, mut at_b) = live_sessions();
     carry(&a, &b, &mut at_a, &mut at_b, &mut now);
     // A creates documents one commit at a time; B asks for each.
     let mut ids = Vec::new();
@@ -428,17 +435,25 @@ fn exchanges_end_in_a_live_session() {
     }
     // Each: B's announcement with its push; A's answer, a credit and an
     // (empty) announcement of its commit, which came from B. A fetch adds a
-    // round trip: B's announcement, A's request, B's changes, A's answer.
+    // round trip: B's announcement, A's request, B's changes, A's answer (7
+    // frames a document, 140 in all). automerge's bloom filters give a
+    // false positive now and then, which costs a document one more round
+    // trip (measured: 100 frames in most runs, 104 or 108 in one of five).
     assert!(
-        pushed.frames <= 5 * ids.len() as u64,
+        pushed.frames <= 5 * ids.len() as u64 + 12,
         "B's changes were not pushed: {pushed:?} for {} documents",
         ids.len()
     );
-    while let Some(event) = at_a.poll_event() {
-        assert!(
-            !format!("{event:?}").contains("Error") && !format!("{event:?}").contains("Failed"),
-            "{event:?}"
-        );
+    for (side, session) in [("A", &mut at_a), ("B", &mut at_b)] {
+        while let Some(event) = session.poll_event() {
+            assert!(
+                !matches!(
+                    event,
+                    Event::DocFailed { .. } | Event::PeerDocError { .. } | Event::Closed { .. }
+                ),
+                "{side}: {event:?}"
+            );
+        }
     }
 }
 
@@ -453,8 +468,7 @@ fn a_stream_of_commits_is_pushed_once_per_announce_interval() {
         Replica::in_memory().expect("b"),
     );
     let mut now = Duration::ZERO;
-    let mut at_a = Session::new(SessionConfig::new(A, B), now);
-    let mut at_b = Session::new(SessionConfig::new(B, A), now);
+    let (mut at_a, mut at_b) = live_sessions();
     let mut tx = b.begin().expect("begin");
     let (id, ()) = tx
         .create(DEFAULT_SPACE, |d| d.put(ROOT, "n", 0))
