@@ -28,6 +28,8 @@ pub struct ConfigFile {
     pub api: Option<String>,
     /// The token the API requires when not on a loopback address.
     pub api_token: Option<String>,
+    /// Offer peers stream compression (default true).
+    pub compress: Option<bool>,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerEntry>,
@@ -199,6 +201,9 @@ id = "{id}"
             toml::from_str("[storage]\ndocument_cache_bytes = 4096\n").expect("storage");
         assert_eq!(stored.storage.document_cache_bytes, 4096);
         assert_eq!(file.storage, Storage::default());
+        let plain: ConfigFile = toml::from_str("compress = false\n").expect("compress");
+        assert_eq!(plain.compress, Some(false));
+        assert_eq!(file.compress, None);
     }
 
     #[test]

@@ -214,6 +214,7 @@ fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
     node_config.api_token = file.api_token.clone();
     node_config.limits = file.limits.clone();
     node_config.storage = file.storage.clone();
+    node_config.compress = file.compress.unwrap_or(true);
     runtime()?.block_on(async {
         let node = Node::start(node_config).await?;
         write_run_file(data_dir, &node)?;

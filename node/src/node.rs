@@ -85,6 +85,10 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// The replica's memory budgets.
     pub storage: Storage,
+    /// Offer peers stream compression (DEFLATE; `PROTOCOL.md` §2.1): used
+    /// with each peer that offers it too. Default on; off, the byte stream
+    /// carries frames as they are.
+    pub compress: bool,
 }
 
 impl NodeConfig {
@@ -99,6 +103,7 @@ impl NodeConfig {
             api_token: None,
             limits: Limits::default(),
             storage: Storage::default(),
+            compress: true,
         }
     }
 }
@@ -219,6 +224,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) metrics: Metrics,
     limits: Limits,
+    compress: bool,
     transport: Arc<quinn::TransportConfig>,
     /// Inbound connections handshaking or open.
     incoming: AtomicUsize,
@@ -243,6 +249,7 @@ impl Inner {
             access,
             messages,
             limits: self.limits.clone(),
+            compress: self.compress,
             replica: self.replica.clone(),
             local: self.identity.node_id(),
             started: self.started,
@@ -550,6 +557,7 @@ impl Node {
             shutdown,
             metrics: Metrics::default(),
             limits: config.limits.clone(),
+            compress: config.compress,
             transport,
             incoming: AtomicUsize::new(0),
         });

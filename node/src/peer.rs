@@ -74,6 +74,8 @@ pub(crate) struct Context {
     /// What the peer may read and write, for this session.
     pub(crate) access: Access,
     pub(crate) limits: Limits,
+    /// Offer stream compression.
+    pub(crate) compress: bool,
 }
 
 /// What woke the session task.
@@ -104,6 +106,7 @@ pub(crate) async fn run_session(
     let mut config = SessionConfig::new(context.local, peer);
     config.access = context.access.clone();
     context.limits.session(&mut config);
+    config.compress = context.compress;
     let mut session = Session::new(config, now(context.started));
     let began = Instant::now();
     let hello_by = began + context.limits.handshake_timeout();

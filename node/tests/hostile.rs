@@ -16,9 +16,10 @@ use concord_core::automerge::{AutoCommit, Automerge, ROOT};
 use concord_core::{DocId, Heads, Replica};
 use concord_node::identity::Identity;
 use concord_node::{Access, Level, Limits, Node, NodeConfig, PeerConfig, tls};
+use concord_sync_protocol::compression::DEFLATE;
 use concord_sync_protocol::frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame};
 use concord_sync_protocol::handshake::{self, PROTOCOL_VERSION};
-use concord_sync_protocol::message::{Announce, Announcement, SyncData};
+use concord_sync_protocol::message::{Announce, Announcement, Credit, Subscribe, SyncData};
 use concord_sync_protocol::{ErrorCode, Message};
 use serde_bytes::{ByteArray, ByteBuf};
 
@@ -229,6 +230,7 @@ fn hello(node: concord_core::NodeId) -> Vec<u8> {
     encode_frame(&Message::Hello(handshake::hello(
         node,
         &[PROTOCOL_VERSION],
+        0,
         DEFAULT_MAX_FRAME,
     )))
 }
@@ -244,6 +246,34 @@ async fn messages(recv: &mut quinn::RecvStream, within: Duration) -> Vec<Message
         while let Ok(Some(message)) = decoder.next_message() {
             out.push(message);
         }
+    }
+    out
+}
+
+/// As [`messages`], from a node that compresses what follows its `Hello`.
+async fn compressed_messages(recv: &mut quinn::RecvStream, within: Duration) -> Vec<Message> {
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Ok(Some(n))) = tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let hello_len = 4 + u32::from_be_bytes(bytes[..4].try_into().expect("a length")) as usize;
+    decoder.push(&bytes[..hello_len]);
+    let mut out = vec![decoder.next_message().expect("decodes").expect("the Hello")];
+    let mut inflate = flate2::Decompress::new(false);
+    let mut plain = Vec::with_capacity(1 << 20);
+    inflate
+        .decompress_vec(
+            &bytes[hello_len..],
+            &mut plain,
+            flate2::FlushDecompress::Sync,
+        )
+        .expect("the node's stream inflates");
+    decoder.push(&plain);
+    while let Ok(Some(message)) = decoder.next_message() {
+        out.push(message);
     }
     out
 }
@@ -399,6 +429,7 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
     let bytes = encode_frame(&Message::Hello(handshake::hello(
         rig.hostile.node_id(),
         &[99, 1000],
+        0,
         DEFAULT_MAX_FRAME,
     )));
     let (answer, _) = attack(&rig, bytes).await;
@@ -418,6 +449,53 @@ async fn a_hostile_peer_cannot_take_the_node_down() {
         Some(ErrorCode::UnknownMessageType.as_u16())
     );
     check!("unknown message type", peak.finish(), base);
+
+    // A decompression bomb: after a Hello offering compression, 16 MiB of
+    // Credit frames deflated to 24 KB, then damage. The node inflates
+    // it a bounded step at a time, handles every frame, then ends the
+    // session at the damage. (Built before measuring: the test shares the
+    // node's process.)
+    {
+        let mut bytes = encode_frame(&Message::Hello(handshake::hello(
+            rig.hostile.node_id(),
+            &[PROTOCOL_VERSION],
+            DEFLATE,
+            DEFAULT_MAX_FRAME,
+        )));
+        let mut frames = encode_frame(&Message::Subscribe(Subscribe {
+            since: 0,
+            credit: 0,
+        }));
+        let credit = encode_frame(&Message::Credit(Credit { docs: 1 }));
+        while frames.len() < 16 << 20 {
+            frames.extend_from_slice(&credit);
+        }
+        let mut deflate = flate2::Compress::new(flate2::Compression::best(), false);
+        let mut bomb = Vec::with_capacity(1 << 20);
+        deflate
+            .compress_vec(&frames, &mut bomb, flate2::FlushCompress::Sync)
+            .expect("compresses");
+        assert_eq!(deflate.total_in() as usize, frames.len());
+        assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+        bytes.extend_from_slice(&bomb);
+        // Block type 3 is reserved in DEFLATE.
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
+        drop(frames);
+        let (base, peak) = begin(round);
+        let (_endpoint, connection) = connect(&rig).await;
+        let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+        send.write_all(&bytes).await.expect("write");
+        let answer = compressed_messages(&mut recv, Duration::from_secs(20)).await;
+        match answer.last() {
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::MalformedFrame.as_u16(), "{e:?}");
+                assert!(e.reason.contains("damaged"), "{e:?}");
+            }
+            other => panic!("expected an Error, got {other:?}"),
+        }
+        closed(&connection).await;
+        check!("decompression bomb", peak.finish(), base);
+    }
 
     // Writes through a read-only grant, and announcements of documents it
     // may not write: refused, stored nowhere, counted; the session goes on.

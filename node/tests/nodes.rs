@@ -1,6 +1,6 @@
 //! Nodes in one process, over QUIC on 127.0.0.1: they sync, reconnect after
-//! going offline and converge, keep one connection when both dial, and
-//! refuse an untrusted node.
+//! going offline and converge, keep one connection when both dial, sync
+//! when only one offers compression, and refuse an untrusted node.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -41,10 +41,20 @@ impl Spec {
     }
 
     async fn start(self, peers: Vec<PeerConfig>) -> (Node, tempfile::TempDir) {
+        self.start_with(peers, |_| {}).await
+    }
+
+    /// As [`Spec::start`], with the config adjusted by `adjust`.
+    async fn start_with(
+        self,
+        peers: Vec<PeerConfig>,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> (Node, tempfile::TempDir) {
         let addr = self.addr();
         drop(self.socket);
         let mut config = NodeConfig::new(self.dir.path(), addr);
         config.peers = peers;
+        adjust(&mut config);
         let node = Node::start(config).await.expect("start");
         (node, self.dir)
     }
@@ -133,6 +143,30 @@ async fn two_nodes_sync_and_converge_after_offline_edits() {
     assert!(ab.messages_received > 0 && ba.messages_received > 0);
     assert!(ab.messages_received <= ba.messages_sent);
     assert!(ba.messages_received <= again.peers[0].messages_sent);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_declining_compression_syncs_with_one_offering_it() {
+    let (a, b) = (spec(), spec());
+    let (a_peer, b_peer) = (a.peer(false), b.peer(true));
+    let (a, _a_dir) = a.start_with(vec![b_peer], |c| c.compress = false).await;
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    let from_a: Vec<DocId> = (0..20).map(|i| write(a.replica(), None, "a", i)).collect();
+    let from_b: Vec<DocId> = (0..20).map(|i| write(b.replica(), None, "b", i)).collect();
+    eventually("both hold every document", || {
+        from_a
+            .iter()
+            .zip(0..)
+            .all(|(id, i)| value(b.replica(), *id)["a"] == i)
+            && from_b
+                .iter()
+                .zip(0..)
+                .all(|(id, i)| value(a.replica(), *id)["b"] == i)
+    })
+    .await;
+    assert!(a.is_connected(&b.node_id()));
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -59,6 +59,17 @@ impl FrameDecoder {
         self.buffer.extend_from_slice(bytes);
     }
 
+    /// The buffer bytes are appended to (by an inflater).
+    pub(crate) fn buffer_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+
+    /// Takes the bytes buffered after the last whole frame (when the
+    /// stream turns compressed after a frame).
+    pub(crate) fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
     /// The next whole frame's payload, `Ok(None)` if more bytes are needed.
     /// After an error the stream is unusable: the session ends.
     pub fn next_payload(&mut self) -> Result<Option<Vec<u8>>, FrameError> {

@@ -23,7 +23,8 @@ pub struct Agreement {
     pub version: u32,
     /// The peer's node id.
     pub peer: NodeId,
-    /// The peer's capability bits.
+    /// The capability bits both sides offered: the optional features in
+    /// use from now on.
     pub capabilities: u64,
     /// The largest frame the peer accepts.
     pub peer_max_frame: u32,
@@ -66,17 +67,23 @@ impl HandshakeError {
 }
 
 /// Our `Hello`.
-pub fn hello(local: NodeId, versions: &[u32], max_frame: u32) -> Hello {
+pub fn hello(local: NodeId, versions: &[u32], capabilities: u64, max_frame: u32) -> Hello {
     Hello {
         versions: versions.to_vec(),
         node: ByteArray::new(*local.as_bytes()),
-        capabilities: 0,
+        capabilities,
         max_frame,
     }
 }
 
-/// Checks the peer's `Hello` against what we offer and whom we expect.
-pub fn agree(ours: &[u32], expected: NodeId, theirs: &Hello) -> Result<Agreement, HandshakeError> {
+/// Checks the peer's `Hello` against what we offer (`ours` versions and
+/// `capabilities`) and whom we expect.
+pub fn agree(
+    ours: &[u32],
+    capabilities: u64,
+    expected: NodeId,
+    theirs: &Hello,
+) -> Result<Agreement, HandshakeError> {
     let claimed = theirs.node_id();
     if claimed != expected {
         return Err(HandshakeError::WrongNode { expected, claimed });
@@ -96,7 +103,7 @@ pub fn agree(ours: &[u32], expected: NodeId, theirs: &Hello) -> Result<Agreement
     Ok(Agreement {
         version,
         peer: claimed,
-        capabilities: theirs.capabilities,
+        capabilities: capabilities & theirs.capabilities,
         peer_max_frame: theirs.max_frame,
     })
 }
@@ -111,21 +118,21 @@ mod tests {
 
     #[test]
     fn the_highest_common_version_is_chosen_by_both() {
-        let a = hello(node(1), &[3, 2, 1], 1 << 20);
-        let b = hello(node(2), &[1, 2], 1 << 20);
-        assert_eq!(agree(&[3, 2, 1], node(2), &b).map(|a| a.version), Ok(2));
-        assert_eq!(agree(&[1, 2], node(1), &a).map(|a| a.version), Ok(2));
+        let a = hello(node(1), &[3, 2, 1], 0, 1 << 20);
+        let b = hello(node(2), &[1, 2], 0, 1 << 20);
+        assert_eq!(agree(&[3, 2, 1], 0, node(2), &b).map(|a| a.version), Ok(2));
+        assert_eq!(agree(&[1, 2], 0, node(1), &a).map(|a| a.version), Ok(2));
     }
 
     #[test]
     fn no_common_version_or_a_wrong_node_is_refused() {
-        let b = hello(node(2), &[7], 1 << 20);
+        let b = hello(node(2), &[7], 0, 1 << 20);
         assert!(matches!(
-            agree(&[1], node(2), &b),
+            agree(&[1], 0, node(2), &b),
             Err(HandshakeError::UnsupportedVersion { .. })
         ));
         assert!(matches!(
-            agree(&[7], node(3), &b),
+            agree(&[7], 0, node(3), &b),
             Err(HandshakeError::WrongNode { .. })
         ));
     }

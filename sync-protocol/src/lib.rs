@@ -55,6 +55,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod access;
+pub mod compression;
 mod error;
 pub mod frame;
 pub mod handshake;

@@ -47,6 +47,7 @@ use concord_core::{
 use serde_bytes::{ByteArray, ByteBuf};
 
 use crate::access::Access;
+use crate::compression::{DEFLATE, Deflater, INFLATE_PER_CALL, INFLATE_STEP, Inflater};
 use crate::error::{ErrorCode, FrameError};
 use crate::frame::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame};
 use crate::handshake::{self, Agreement, SUPPORTED_VERSIONS};
@@ -139,6 +140,12 @@ pub struct SessionConfig {
     /// changes to a space it may not write are refused with `Refused` and
     /// never stored.
     pub access: Access,
+    /// Offer stream compression ([`compression::DEFLATE`]): when both sides
+    /// offer it, everything after the `Hello` frames travels as one DEFLATE
+    /// stream per direction (`PROTOCOL.md` §2.1). Default true. Compression
+    /// makes the size of what is sent depend on its content; see
+    /// `PROTOCOL.md` for when that matters.
+    pub compress: bool,
     /// A planted bug (tests of the simulator only).
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
@@ -161,6 +168,7 @@ impl SessionConfig {
             announce_interval: Duration::from_millis(5),
             persist_sync_states: true,
             access: Access::full(),
+            compress: true,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }
@@ -233,11 +241,16 @@ pub enum Event {
 pub struct SessionStats {
     /// Frames queued for sending.
     pub frames_sent: u64,
-    /// Bytes of those frames.
+    /// Bytes of those frames (before compression).
+    pub frame_bytes_sent: u64,
+    /// Bytes handed to the transport (compressed, when the stream is).
     pub bytes_sent: u64,
+    /// `Sync` frames queued for sending.
+    pub syncs_sent: u64,
     /// Frames received.
     pub frames_received: u64,
-    /// Bytes received (including any partial frame).
+    /// Bytes received from the transport (compressed, when the stream is;
+    /// including any partial frame).
     pub bytes_received: u64,
     /// Documents announced to the peer.
     pub docs_announced: u64,
@@ -322,6 +335,20 @@ pub struct Session {
     config: SessionConfig,
     phase: Phase,
     decoder: FrameDecoder,
+    /// The peer's compressed stream, once its `Hello` turned it on: input
+    /// goes here first, and comes out into `decoder` a bounded step at a
+    /// time.
+    inflater: Option<Inflater>,
+    /// Whether the peer's first frame has been decoded.
+    hello_decoded: bool,
+    /// Our compressed stream, once the peer's `Hello` turned it on.
+    deflater: Option<Deflater>,
+    /// Frames at the front of `outbox` queued before the stream turned
+    /// compressed (our `Hello`): they go as they are.
+    raw_front: usize,
+    /// Plaintext this call may still inflate ([`INFLATE_PER_CALL`]): the
+    /// rest waits for the next `poll_transmit`.
+    inflate_budget: usize,
     /// Frames received and not handled yet, in order.
     inbox: VecDeque<Message>,
     /// The error that ends the received frames, once those before it in
@@ -411,9 +438,19 @@ impl From<&FrameError> for Fatal {
 impl Session {
     /// A session that has sent nothing yet; its `Hello` is queued.
     pub fn new(config: SessionConfig, now: Duration) -> Self {
-        let hello = handshake::hello(config.local, &config.versions, config.max_frame);
+        let hello = handshake::hello(
+            config.local,
+            &config.versions,
+            Self::offered(&config),
+            config.max_frame,
+        );
         let mut session = Self {
             decoder: FrameDecoder::new(config.max_frame),
+            inflater: None,
+            hello_decoded: false,
+            deflater: None,
+            raw_front: 0,
+            inflate_budget: INFLATE_PER_CALL,
             inbox: VecDeque::new(),
             broken: None,
             config,
@@ -529,6 +566,7 @@ impl Session {
         !self.is_closed()
             && self.outbox_bytes < self.config.outbox_limit
             && self.inbox.is_empty()
+            && !self.has_compressed_input()
             && self.broken.is_none()
     }
 
@@ -551,13 +589,46 @@ impl Session {
             // Nothing after the frame that broke the stream is handled.
             return self.handle_inbox(store, true);
         }
-        self.decoder.push(bytes);
-        // Every whole frame received, then the error that ends them if one
-        // does (it ends the session once the frames before it are handled).
+        match &mut self.inflater {
+            Some(inflater) => inflater.push(bytes),
+            None => self.decoder.push(bytes),
+        }
+        self.inflate_budget = INFLATE_PER_CALL;
+        self.decode_input();
+        self.handle_inbox(store, true);
+    }
+
+    /// Decodes whole frames received into `inbox`, then the error that ends
+    /// them if one does (it ends the session once the frames before it are
+    /// handled). From a compressed stream, inflates a step at a time and
+    /// stops once a step's frames are out, leaving the rest compressed.
+    fn decode_input(&mut self) {
+        let mut inflated = 0;
         while self.broken.is_none() {
             let payload = match self.decoder.next_payload() {
                 Ok(Some(payload)) => payload,
-                Ok(None) => break,
+                Ok(None) => {
+                    let Some(inflater) = &mut self.inflater else {
+                        break;
+                    };
+                    if inflater.pending() == 0
+                        || self.inflate_budget == 0
+                        || (inflated >= INFLATE_STEP && !self.inbox.is_empty())
+                    {
+                        break;
+                    }
+                    match inflater.inflate(self.decoder.buffer_mut(), INFLATE_STEP) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            inflated += n;
+                            self.inflate_budget = self.inflate_budget.saturating_sub(n);
+                        }
+                        Err(e) => {
+                            self.broken = Some(Fatal::new(ErrorCode::MalformedFrame, e.to_string()))
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => {
                     self.broken = Some(Fatal::from(&e));
                     break;
@@ -565,17 +636,44 @@ impl Session {
             };
             self.stats.frames_received += 1;
             match Message::decode_payload(&payload) {
-                Ok(message) => self.inbox.push_back(message),
+                Ok(message) => {
+                    if !self.hello_decoded {
+                        self.hello_decoded = true;
+                        // The peer compresses what follows its `Hello` when
+                        // both offer it: so does everything after it here.
+                        if let Message::Hello(hello) = &message
+                            && self.capabilities() & hello.capabilities & DEFLATE != 0
+                        {
+                            let mut inflater = Inflater::new();
+                            inflater.push(&self.decoder.take_buffered());
+                            self.inflater = Some(inflater);
+                        }
+                    }
+                    self.inbox.push_back(message)
+                }
                 Err(e) => self.broken = Some(Fatal::from(&e)),
             }
         }
-        self.handle_inbox(store, true);
+    }
+
+    /// The capability bits our `Hello` offers.
+    fn offered(config: &SessionConfig) -> u64 {
+        if config.compress { DEFLATE } else { 0 }
+    }
+
+    fn capabilities(&self) -> u64 {
+        Self::offered(&self.config)
+    }
+
+    /// Whether compressed input waits to be inflated.
+    fn has_compressed_input(&self) -> bool {
+        self.inflater.as_ref().is_some_and(|i| i.pending() > 0)
     }
 
     /// Whether received frames wait to be handled (see
     /// [`Session::handle_input`]).
     pub fn has_unhandled_input(&self) -> bool {
-        !self.inbox.is_empty()
+        !self.inbox.is_empty() || self.has_compressed_input()
     }
 
     /// Bytes of frames queued for [`Session::poll_transmit`].
@@ -590,7 +688,13 @@ impl Session {
     /// the peer and more received ones wait, and makes progress once all are
     /// handled; without, handles them all (the session is about to end).
     fn handle_inbox<S: SyncStore>(&mut self, store: &S, yielding: bool) {
-        while !self.inbox.is_empty() {
+        loop {
+            if self.inbox.is_empty() {
+                self.decode_input();
+                if self.inbox.is_empty() {
+                    break;
+                }
+            }
             let mut run = Vec::new();
             while let Some(message) = self.inbox.pop_front() {
                 if !matches!(message, Message::Sync(_)) {
@@ -621,7 +725,7 @@ impl Session {
             // Let the credit and announcements due so far leave before the
             // frames that wait are handled (which may load documents and
             // commit); `make_progress` starts no exchange while they wait.
-            if yielding && !self.inbox.is_empty() {
+            if yielding && self.has_unhandled_input() {
                 self.make_progress(store);
                 if self.is_closed() || !self.outbox.is_empty() {
                     return;
@@ -748,15 +852,44 @@ impl Session {
     /// happens here, as the stream takes frames.
     pub fn poll_transmit<S: SyncStore>(&mut self, store: &S) -> Option<Vec<u8>> {
         if self.outbox.is_empty() && !self.is_closed() {
-            if self.inbox.is_empty() {
-                self.make_progress(store);
-            } else {
+            if self.has_unhandled_input() {
+                self.inflate_budget = INFLATE_PER_CALL;
                 self.handle_inbox(store, true);
+            } else {
+                self.make_progress(store);
             }
         }
-        let frame = self.outbox.pop_front()?;
-        self.outbox_bytes -= frame.len();
-        Some(frame)
+        let bytes = match &mut self.deflater {
+            Some(deflater) if self.raw_front == 0 => {
+                if self.outbox.is_empty() {
+                    return None;
+                }
+                // Everything queued, as one flushed batch.
+                let compressed = deflater.compress(self.outbox.iter().map(Vec::as_slice));
+                self.outbox.clear();
+                self.outbox_bytes = 0;
+                match compressed {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        self.end(store);
+                        self.events.push_back(Event::Closed {
+                            code: ErrorCode::MalformedFrame.as_u16(),
+                            reason: e.to_string(),
+                            by_peer: false,
+                        });
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                let frame = self.outbox.pop_front()?;
+                self.raw_front = self.raw_front.saturating_sub(1);
+                self.outbox_bytes -= frame.len();
+                frame
+            }
+        };
+        self.stats.bytes_sent += bytes.len() as u64;
+        Some(bytes)
     }
 
     /// The next event.
@@ -769,7 +902,10 @@ impl Session {
     fn send(&mut self, message: &Message) {
         let frame = encode_frame(message);
         self.stats.frames_sent += 1;
-        self.stats.bytes_sent += frame.len() as u64;
+        self.stats.frame_bytes_sent += frame.len() as u64;
+        if matches!(message, Message::Sync(_)) {
+            self.stats.syncs_sent += 1;
+        }
         self.outbox_bytes += frame.len();
         self.outbox.push_back(frame);
     }
@@ -835,8 +971,17 @@ impl Session {
                 Ok(())
             }
             (Phase::AwaitingHello, Message::Hello(hello)) => {
-                let agreement = handshake::agree(&self.config.versions, self.config.peer, &hello)
-                    .map_err(|e| Fatal::new(e.code(), e.to_string()))?;
+                let ours = self.capabilities();
+                if ours & hello.capabilities & DEFLATE != 0 {
+                    // Everything after this `Hello`, an `Error` refusing it
+                    // included, goes compressed; what is queued goes first
+                    // as it is.
+                    self.deflater = Some(Deflater::new());
+                    self.raw_front = self.outbox.len();
+                }
+                let agreement =
+                    handshake::agree(&self.config.versions, ours, self.config.peer, &hello)
+                        .map_err(|e| Fatal::new(e.code(), e.to_string()))?;
                 self.phase = Phase::Established(agreement);
                 self.events.push_back(Event::Established {
                     version: agreement.version,
@@ -1244,7 +1389,7 @@ impl Session {
         }
         // Frames waiting to be handled may answer the exchanges that would
         // start here.
-        if self.inbox.is_empty()
+        if !self.has_unhandled_input()
             && let Err(fatal) = self.start_syncs(store)
         {
             return self.fail(store, fatal);

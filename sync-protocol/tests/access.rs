@@ -34,6 +34,8 @@ struct Run {
 fn run(a: &Replica, b: &Replica, access: &Access) -> Run {
     let mut config = SessionConfig::new(A, B);
     config.access = access.clone();
+    // Uncompressed, so that what A sends can be searched for ids and hashes.
+    config.compress = false;
     let mut at_a = Session::new(config, NOW);
     let mut at_b = Session::new(SessionConfig::new(B, A), NOW);
     let mut out = Run::default();
@@ -297,6 +299,7 @@ fn a_write_only_peers_live_writes_cost_what_they_carry() {
     );
     let mut config = SessionConfig::new(A, B);
     config.access = Access::none().grant("inbox", Level::Write);
+    config.compress = false;
     let mut at_a = Session::new(config, NOW);
     let mut at_b = Session::new(SessionConfig::new(B, A), NOW);
     // Carries frames until both sides are quiet; returns the bytes moved.

@@ -59,6 +59,7 @@ impl Harness {
         h.send(&Message::Hello(handshake::hello(
             PEER,
             &[PROTOCOL_VERSION],
+            0,
             frame::DEFAULT_MAX_FRAME,
         )));
         let sent = h.received();
@@ -98,7 +99,7 @@ impl Harness {
 #[test]
 fn no_common_version_is_refused_with_a_reason() {
     let mut h = Harness::new();
-    h.send(&Message::Hello(handshake::hello(PEER, &[99], 1 << 20)));
+    h.send(&Message::Hello(handshake::hello(PEER, &[99], 0, 1 << 20)));
     h.assert_ended_with(ErrorCode::UnsupportedVersion);
 }
 
@@ -109,6 +110,7 @@ fn a_peer_claiming_another_node_id_is_refused() {
     h.send(&Message::Hello(handshake::hello(
         other,
         &[PROTOCOL_VERSION],
+        0,
         1 << 20,
     )));
     h.assert_ended_with(ErrorCode::WrongNode);
@@ -170,6 +172,7 @@ fn announcements_beyond_credit_or_out_of_order_are_refused() {
     h.send(&Message::Hello(handshake::hello(
         PEER,
         &[PROTOCOL_VERSION],
+        0,
         1 << 20,
     )));
     h.send(&announce(0, 1, 3));
@@ -472,6 +475,7 @@ fn commits_within_the_announce_interval_are_announced_together() {
     h.send(&Message::Hello(handshake::hello(
         PEER,
         &[PROTOCOL_VERSION],
+        0,
         frame::DEFAULT_MAX_FRAME,
     )));
     h.send(&Message::Subscribe(Subscribe {

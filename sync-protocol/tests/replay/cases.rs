@@ -51,6 +51,7 @@ pub fn session_case(data: &[u8]) {
     let hello = frame::encode_frame(&Message::Hello(handshake::hello(
         PEER,
         &[PROTOCOL_VERSION],
+        0,
         frame::DEFAULT_MAX_FRAME,
     )));
     session.handle_input(&replica, &hello, now);
