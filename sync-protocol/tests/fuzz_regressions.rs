@@ -35,3 +35,8 @@ fn frame_regressions_replay() {
 fn session_regressions_replay() {
     assert!(replay("session", cases::session_case) > 0);
 }
+
+#[test]
+fn compressed_session_regressions_replay() {
+    assert!(replay("compressed", cases::compressed_session_case) > 0);
+}
