@@ -41,8 +41,9 @@ impl std::fmt::Debug for Deflater {
     }
 }
 
-/// Compression failed: miniz_oxide reports this only for misuse (a bad
-/// level or flush sequence), never for any input.
+/// Compression failed: flate2's backend (zlib-rs, which automerge's
+/// features select) reports this only for misuse (a bad level or flush
+/// sequence), never for any input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("stream compression failed: {0}")]
 pub(crate) struct DeflateError(String);
