@@ -38,13 +38,9 @@ const PEER: NodeId = NodeId::from_bytes([2; 32]);
 /// The document every session case starts with.
 pub const DOC: DocId = DocId::from_bytes([0x42; 16]);
 
-/// A session after a handshake that turned on stream compression, fed
-/// `data` in pieces (each a 2-byte length and that many bytes): a piece
-/// whose length is even is a frame's payload, framed and compressed as a
-/// peer would; an odd one goes into the compressed stream as it is. It
-/// never panics, ends cleanly or goes on, and leaves the stored document
-/// readable.
-pub fn compressed_session_case(data: &[u8]) {
+/// A replica holding [`DOC`] and a session on it that has the peer's
+/// `Hello` offering `capabilities`.
+fn handshaken(capabilities: u64) -> (Replica, Session) {
     let replica = Replica::in_memory().expect("replica");
     let mut tx = replica.begin().expect("begin");
     tx.create_with_id(DOC, DEFAULT_SPACE, |d| d.put(ROOT, "k", 1))
@@ -55,10 +51,22 @@ pub fn compressed_session_case(data: &[u8]) {
     let hello = frame::encode_frame(&Message::Hello(handshake::hello(
         PEER,
         &[PROTOCOL_VERSION],
-        DEFLATE,
+        capabilities,
         frame::DEFAULT_MAX_FRAME,
     )));
     session.handle_input(&replica, &hello, now);
+    (replica, session)
+}
+
+/// A session after a handshake that turned on stream compression, fed
+/// `data` in pieces (each a 2-byte length and that many bytes): a piece
+/// whose length is even is a frame's payload, framed and compressed as a
+/// peer would; an odd one goes into the compressed stream as it is. It
+/// never panics, ends cleanly or goes on, and leaves the stored document
+/// readable.
+pub fn compressed_session_case(data: &[u8]) {
+    let now = Duration::ZERO;
+    let (replica, mut session) = handshaken(DEFLATE);
     let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
     let mut rest = data;
     while rest.len() >= 2 && !session.is_closed() {
@@ -99,20 +107,8 @@ pub fn compressed_session_case(data: &[u8]) {
 /// 2-byte length and that many bytes of payload): it never panics, ends
 /// cleanly or goes on, and leaves the stored document readable.
 pub fn session_case(data: &[u8]) {
-    let replica = Replica::in_memory().expect("replica");
-    let mut tx = replica.begin().expect("begin");
-    tx.create_with_id(DOC, DEFAULT_SPACE, |d| d.put(ROOT, "k", 1))
-        .expect("create");
-    tx.commit().expect("commit");
     let now = Duration::ZERO;
-    let mut session = Session::new(SessionConfig::new(US, PEER), now);
-    let hello = frame::encode_frame(&Message::Hello(handshake::hello(
-        PEER,
-        &[PROTOCOL_VERSION],
-        0,
-        frame::DEFAULT_MAX_FRAME,
-    )));
-    session.handle_input(&replica, &hello, now);
+    let (replica, mut session) = handshaken(0);
     let mut rest = data;
     while rest.len() >= 2 && !session.is_closed() {
         let len = usize::from(u16::from_be_bytes([rest[0], rest[1]])).min(rest.len() - 2);
