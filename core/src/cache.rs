@@ -12,6 +12,12 @@
 //! 111 µs, a load 20.9 ms). So a document readers asked for while a writer
 //! had it out is *shared*: writers then leave it in place and work on a copy,
 //! for [`SHARED_TAKES`] takes after the last time a reader used it.
+//!
+//! The state a shared document's writer replaces is kept beside the new one
+//! until the next replaces it in turn: a reader whose snapshot began just
+//! before the commit (a peer session answering the commit it was told of,
+//! while the writer already made the next) still finds the state it sees,
+//! instead of loading the document again. Both count against the budget.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use automerge::{Automerge, ReadDoc};
 use lru::LruCache;
 
+use crate::disposal::Disposal;
 use crate::{DocId, Heads};
 
 /// Takes of a shared document that leave it in place after a reader last
@@ -53,6 +60,28 @@ struct Entry {
     heads: Heads,
     doc: Arc<Automerge>,
     weight: usize,
+    /// The state this one replaced, for readers still at it (shared
+    /// documents only).
+    previous: Option<Previous>,
+}
+
+struct Previous {
+    heads: Heads,
+    doc: Arc<Automerge>,
+    weight: usize,
+}
+
+impl Entry {
+    /// Its weight, with the previous state's.
+    fn total(&self) -> usize {
+        self.weight
+            .saturating_add(self.previous.as_ref().map_or(0, |p| p.weight))
+    }
+
+    /// Its documents, with their weights, for disposal.
+    fn into_docs(self) -> impl Iterator<Item = (Arc<Automerge>, usize)> {
+        std::iter::once((self.doc, self.weight)).chain(self.previous.map(|p| (p.doc, p.weight)))
+    }
 }
 
 struct Inner {
@@ -68,6 +97,7 @@ struct Inner {
 pub(crate) struct DocCache {
     inner: Mutex<Inner>,
     budget: usize,
+    disposal: Disposal,
 }
 
 impl DocCache {
@@ -81,6 +111,7 @@ impl DocCache {
                 misses: 0,
             }),
             budget,
+            disposal: Disposal::new(budget),
         }
     }
 
@@ -95,6 +126,10 @@ impl DocCache {
         let mut inner = self.lock();
         let hit = match inner.entries.get(&id) {
             Some(entry) if &entry.heads == heads => Some(Arc::clone(&entry.doc)),
+            Some(Entry {
+                previous: Some(previous),
+                ..
+            }) if &previous.heads == heads => Some(Arc::clone(&previous.doc)),
             _ => None,
         };
         if hit.is_some() {
@@ -132,9 +167,14 @@ impl DocCache {
             }
             return inner.entries.peek(&id).map(|e| Arc::clone(&e.doc));
         }
-        let entry = inner.entries.pop(&id)?;
-        inner.used -= entry.weight;
+        let mut entry = inner.entries.pop(&id)?;
+        inner.used -= entry.total();
         inner.note_writing(id);
+        let previous = entry.previous.take();
+        drop(inner);
+        if let Some(previous) = previous {
+            self.disposal.dispose(vec![(previous.doc, previous.weight)]);
+        }
         Some(entry.doc)
     }
 
@@ -143,23 +183,62 @@ impl DocCache {
     /// kept alone, until the next one comes: the document in use is not
     /// loaded again on every access, and the cache holds at most the budget
     /// or that one document. A budget of 0 caches nothing.
+    ///
+    /// The documents it displaces are freed after the lock is released, the
+    /// large ones on the disposal thread: not by the commit that inserts.
     pub(crate) fn insert(&self, id: DocId, heads: Heads, doc: Arc<Automerge>, weight: usize) {
+        let mut displaced = Vec::new();
         let mut inner = self.lock();
         inner.writing.remove(&id);
-        if let Some(old) = inner.entries.pop(&id) {
-            inner.used -= old.weight;
+        let mut previous = None;
+        if let Some(mut old) = inner.entries.pop(&id) {
+            inner.used -= old.total();
+            displaced.extend(old.previous.take().map(|p| (p.doc, p.weight)));
+            if inner.shared.contains_key(&id) && old.heads != heads {
+                previous = Some(Previous {
+                    heads: old.heads,
+                    doc: old.doc,
+                    weight: old.weight,
+                });
+            } else {
+                displaced.push((old.doc, old.weight));
+            }
         }
         if self.budget == 0 {
+            drop(inner);
+            displaced.push((doc, weight));
+            displaced.extend(previous.map(|p| (p.doc, p.weight)));
+            self.disposal.dispose(displaced);
             return;
         }
-        inner.used += weight;
-        inner.entries.put(id, Entry { heads, doc, weight });
+        let entry = Entry {
+            heads,
+            doc,
+            weight,
+            previous,
+        };
+        inner.used += entry.total();
+        inner.entries.put(id, entry);
         while inner.used > self.budget && inner.entries.len() > 1 {
             match inner.entries.pop_lru() {
-                Some((_, evicted)) => inner.used -= evicted.weight,
+                Some((_, evicted)) => {
+                    inner.used -= evicted.total();
+                    displaced.extend(evicted.into_docs());
+                }
                 None => break,
             }
         }
+        // Alone and still over: the document in use stays, its previous
+        // state goes.
+        if inner.used > self.budget
+            && let Some(entry) = inner.entries.peek_mut(&id)
+            && let Some(previous) = entry.previous.take()
+        {
+            inner.used -= previous.weight;
+            displaced.push((previous.doc, previous.weight));
+        }
+        drop(inner);
+        self.disposal.dispose(displaced);
     }
 
     /// Approximate bytes held, and number of documents.
@@ -243,6 +322,37 @@ mod tests {
         assert!(cache.get(id, &at).is_some(), "taken out too soon");
         assert!(cache.take(id, &at).is_some());
         assert!(cache.get(id, &at).is_none());
+    }
+
+    #[test]
+    fn a_shared_documents_replaced_state_stays_for_readers_still_at_it() {
+        let cache = DocCache::new(10_000);
+        let id = DocId::random();
+        let state = |n: u8| Heads::new(vec![automerge::ChangeHash([n; 32])]);
+        let doc = || Arc::new(Automerge::new());
+        cache.insert(id, state(1), doc(), 1_000);
+        // A reader misses while the writer has it out: now shared.
+        assert!(cache.take(id, &state(1)).is_some());
+        assert!(cache.get(id, &state(1)).is_none());
+        cache.insert(id, state(1), doc(), 1_000);
+        assert!(cache.take(id, &state(1)).is_some());
+        cache.insert(id, state(2), doc(), 1_000);
+        // Both states are readable, and both count.
+        assert!(cache.get(id, &state(1)).is_some());
+        assert!(cache.get(id, &state(2)).is_some());
+        assert_eq!(cache.usage(), (2_000, 1));
+        // Only the newest is a writer's to take; the one before it goes.
+        assert!(cache.take(id, &state(1)).is_none());
+        cache.insert(id, state(3), doc(), 1_000);
+        assert!(cache.get(id, &state(1)).is_none());
+        assert!(cache.get(id, &state(2)).is_some());
+        assert!(cache.get(id, &state(3)).is_some());
+        assert_eq!(cache.usage(), (2_000, 1));
+        // Over the budget alone, the previous state is dropped first.
+        cache.insert(id, state(4), doc(), 9_500);
+        assert_eq!(cache.usage(), (9_500, 1));
+        assert!(cache.get(id, &state(4)).is_some());
+        assert!(cache.get(id, &state(3)).is_none());
     }
 
     /// The estimates stay above the heap measured for these documents

@@ -324,17 +324,7 @@ fn opened<'s, 'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
 fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)> {
     let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
     match commit_batch(shared, batch) {
-        Ok((outcomes, events, finished)) => {
-            for (id, current) in finished {
-                if current.row.heads.is_empty() {
-                    // Only changes waiting for dependencies: nothing to read.
-                    continue;
-                }
-                let weight = cache::weight(&current.doc);
-                shared
-                    .cache
-                    .insert(id, current.row.heads(), current.doc, weight);
-            }
+        Ok((outcomes, events)) => {
             if !shared.subscribers.is_empty() {
                 for event in events {
                     shared.subscribers.publish(Arc::new(event));
@@ -355,11 +345,7 @@ fn failed(tickets: Vec<u64>, error: StorageError) -> Vec<(u64, Outcome)> {
         .collect()
 }
 
-type BatchResult = (
-    Vec<(u64, Outcome)>,
-    Vec<CommitEvent>,
-    HashMap<DocId, Current>,
-);
+type BatchResult = (Vec<(u64, Outcome)>, Vec<CommitEvent>);
 
 fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResult, StorageError> {
     let mut tx = shared.db.begin_write()?;
@@ -428,8 +414,24 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
             }
         }
     }
+    // The new states are cached before they become visible: a reader whose
+    // snapshot begins the moment the commit lands must not find the cache
+    // a state behind and load the document again. A cached document is
+    // valid for exactly its heads, which name its content, so one whose
+    // commit then fails is still right for any snapshot that ever sees
+    // those heads, and none sees them before.
+    for (id, current) in finished {
+        if current.row.heads.is_empty() {
+            // Only changes waiting for dependencies: nothing to read.
+            continue;
+        }
+        let weight = cache::weight(&current.doc);
+        shared
+            .cache
+            .insert(id, current.row.heads(), current.doc, weight);
+    }
     tx.commit()?;
-    Ok((outcomes, events, finished))
+    Ok((outcomes, events))
 }
 
 /// The current row and document of `id` within the batch: a document already

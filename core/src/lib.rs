@@ -93,6 +93,7 @@ mod actor;
 mod cache;
 mod commit;
 mod contain;
+mod disposal;
 mod document;
 mod error;
 mod feed;
