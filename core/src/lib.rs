@@ -81,7 +81,8 @@
 //!
 //! Documents are loaded on demand and kept in a cache bounded by
 //! [`ReplicaOptions::cache_bytes`] (or by the one document in use, when it
-//! alone is larger); redb's page cache is bounded by
+//! alone is larger), and as much again may wait on a background thread to
+//! be freed; redb's page cache is bounded by
 //! [`ReplicaOptions::store_cache_bytes`]. Resident memory does not grow with
 //! the number of documents stored.
 

@@ -63,7 +63,9 @@ fn system_clock() -> i64 {
 pub struct ReplicaOptions {
     /// Budget, in approximate resident bytes, of loaded documents kept in
     /// memory (least recently used out first; a single document larger than
-    /// the budget is kept alone; 0 caches nothing). Default 8 MiB.
+    /// the budget is kept alone; 0 caches nothing). Displaced documents
+    /// waiting to be freed on the background thread are bounded by the same
+    /// budget again. Default 8 MiB.
     pub cache_bytes: usize,
     /// redb's page cache, in bytes. Default 32 MiB.
     pub store_cache_bytes: usize,
