@@ -1,8 +1,10 @@
 //! Group commit: every write (a local transaction, or changes received from
 //! elsewhere) becomes a [`Request`] queued here. Whichever waiting thread
 //! finds no commit in progress becomes the leader: it applies every queued
-//! request inside one redb write transaction, commits it with one (two-phase)
-//! fsync, then hands each request its outcome. Each request is still
+//! request inside one redb write transaction, and goes on taking requests
+//! that arrive while it writes (those of transactions that were still being
+//! made, under steady load, for a moment at most) before it commits them all
+//! with one (two-phase) fsync, then hands each request its outcome. Each request is still
 //! acknowledged only once it is durable; concurrent requests share the fsync.
 //!
 //! Within the batch each request is all-or-nothing on its own: it is first
@@ -210,34 +212,88 @@ impl Committer {
                 }
             }
             let expected = threads.len().min(MAX_BATCH);
-            while (self.writers.load(Ordering::SeqCst) > 0 || queue.waiting.len() < expected)
-                && queue.waiting.len() < MAX_BATCH
-            {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                queue = self
-                    .arrived
-                    .wait_timeout(queue, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-            }
-            let take = queue.waiting.len().min(MAX_BATCH);
-            queue.last_batch = queue.waiting_threads.drain(..take).collect();
-            let batch: Vec<(u64, Request)> = queue.waiting.drain(..take).collect();
+            queue.last_batch.clear();
+            let mut gather = Gather {
+                committer: self,
+                deadline,
+                expected,
+                taken: 0,
+                tickets: Vec::new(),
+            };
+            // What is queued now (our own request among it) starts the
+            // batch; the rest joins while it is being written.
+            let first = gather.take(&mut queue);
             drop(queue);
-            let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
             // A panic here would be a bug in Concord or a dependency; it must
             // not leave the queue without a leader. The write transaction is
             // dropped uncommitted (redb rolls it back) and every request of
             // the batch fails.
-            let outcomes = contain::contained(|| run_batch(shared, batch))
-                .unwrap_or_else(|reason| failed(tickets, StorageError::Panicked(reason)));
+            let outcomes = match contain::contained(|| run_batch(shared, first, &mut gather)) {
+                Ok(outcomes) => outcomes,
+                Err(reason) => failed(gather.tickets, StorageError::Panicked(reason)),
+            };
             queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             queue.done.extend(outcomes);
             queue.leader_busy = false;
             self.wake.notify_all();
+        }
+    }
+}
+
+/// A leader gathering its batch: it writes the requests it has while those
+/// of transactions still being made arrive, instead of waiting for them
+/// first.
+struct Gather<'c> {
+    committer: &'c Committer,
+    /// When the batch stops waiting for more.
+    deadline: Instant,
+    /// Requests it expects under steady load (see [`Committer::submit`]).
+    expected: usize,
+    taken: usize,
+    /// Every request taken, for failing them all if the batch fails.
+    tickets: Vec<u64>,
+}
+
+impl Gather<'_> {
+    /// Takes what is queued, up to the batch's room.
+    fn take(&mut self, queue: &mut Queue) -> Vec<(u64, Request)> {
+        let take = queue.waiting.len().min(MAX_BATCH - self.taken);
+        let threads: Vec<ThreadId> = queue.waiting_threads.drain(..take).collect();
+        queue.last_batch.extend(threads);
+        let batch: Vec<(u64, Request)> = queue.waiting.drain(..take).collect();
+        self.taken += take;
+        self.tickets.extend(batch.iter().map(|(t, _)| *t));
+        batch
+    }
+
+    /// Requests queued since the last take, once there are some; empty
+    /// once the batch is complete: full, the expected requests in and no
+    /// transaction still writing, or the deadline passed.
+    fn more(&mut self) -> Vec<(u64, Request)> {
+        let committer = self.committer;
+        let mut queue = committer
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if self.taken >= MAX_BATCH {
+                return Vec::new();
+            }
+            if !queue.waiting.is_empty() {
+                return self.take(&mut queue);
+            }
+            if committer.writers.load(Ordering::SeqCst) == 0 && self.taken >= self.expected {
+                return Vec::new();
+            }
+            let now = Instant::now();
+            if now >= self.deadline {
+                return Vec::new();
+            }
+            queue = committer
+                .arrived
+                .wait_timeout(queue, self.deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
@@ -321,9 +377,12 @@ fn opened<'s, 'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
     Ok(slot.insert(table))
 }
 
-fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)> {
-    let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
-    match commit_batch(shared, batch) {
+fn run_batch(
+    shared: &Shared,
+    first: Vec<(u64, Request)>,
+    gather: &mut Gather<'_>,
+) -> Vec<(u64, Outcome)> {
+    match commit_batch(shared, first, gather) {
         Ok((outcomes, events)) => {
             if !shared.subscribers.is_empty() {
                 for event in events {
@@ -332,7 +391,7 @@ fn run_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Vec<(u64, Outcome)>
             }
             outcomes
         }
-        Err(e) => failed(tickets, e),
+        Err(e) => failed(std::mem::take(&mut gather.tickets), e),
     }
 }
 
@@ -347,10 +406,14 @@ fn failed(tickets: Vec<u64>, error: StorageError) -> Vec<(u64, Outcome)> {
 
 type BatchResult = (Vec<(u64, Outcome)>, Vec<CommitEvent>);
 
-fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResult, StorageError> {
+fn commit_batch(
+    shared: &Shared,
+    first: Vec<(u64, Request)>,
+    gather: &mut Gather<'_>,
+) -> Result<BatchResult, StorageError> {
     let mut tx = shared.db.begin_write()?;
     tx.set_two_phase_commit(shared.options.two_phase_commit);
-    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut outcomes = Vec::with_capacity(first.len());
     let mut events = Vec::new();
     let mut finished: HashMap<DocId, Current> = HashMap::new();
     {
@@ -368,50 +431,54 @@ fn commit_batch(shared: &Shared, batch: Vec<(u64, Request)>) -> Result<BatchResu
             Some((key, _)) => key.value().0,
             None => 0,
         };
-        for (ticket, request) in batch {
-            let (origin, prepared) = match request {
-                Request::Local(writes) => (
-                    Origin::Local,
-                    prepare_local(shared, &mut tables, &mut finished, writes),
-                ),
-                Request::Remote(origin, writes) => (
-                    origin,
-                    prepare_remote(shared, &mut tables, &mut finished, origin, writes),
-                ),
-            };
-            let updates = match prepared {
-                Ok(updates) => updates,
-                Err(e) => {
-                    outcomes.push((ticket, Err(e)));
-                    continue;
+        let mut batch = first;
+        while !batch.is_empty() {
+            for (ticket, request) in std::mem::take(&mut batch) {
+                let (origin, prepared) = match request {
+                    Request::Local(writes) => (
+                        Origin::Local,
+                        prepare_local(shared, &mut tables, &mut finished, writes),
+                    ),
+                    Request::Remote(origin, writes) => (
+                        origin,
+                        prepare_remote(shared, &mut tables, &mut finished, origin, writes),
+                    ),
+                };
+                let updates = match prepared {
+                    Ok(updates) => updates,
+                    Err(e) => {
+                        outcomes.push((ticket, Err(e)));
+                        continue;
+                    }
+                };
+                let changed = updates.iter().any(|u| u.changed);
+                if changed {
+                    seq += 1;
                 }
-            };
-            let changed = updates.iter().any(|u| u.changed);
-            if changed {
-                seq += 1;
-            }
-            let mut docs = Vec::new();
-            for update in updates {
-                if update.changed {
-                    docs.push(DocChange {
-                        id: update.id,
-                        space: update.row.space.clone(),
-                        heads: Heads::from_raw(update.row.heads.clone()),
+                let mut docs = Vec::new();
+                for update in updates {
+                    if update.changed {
+                        docs.push(DocChange {
+                            id: update.id,
+                            space: update.row.space.clone(),
+                            heads: Heads::from_raw(update.row.heads.clone()),
+                        });
+                    }
+                    let current = write_update(shared, &mut tables, seq, update)?;
+                    finished.insert(current.0, current.1);
+                }
+                if changed {
+                    events.push(CommitEvent {
+                        seq,
+                        origin,
+                        docs: docs.clone(),
                     });
+                    outcomes.push((ticket, Ok(Some(Committed { seq, docs }))));
+                } else {
+                    outcomes.push((ticket, Ok(None)));
                 }
-                let current = write_update(shared, &mut tables, seq, update)?;
-                finished.insert(current.0, current.1);
             }
-            if changed {
-                events.push(CommitEvent {
-                    seq,
-                    origin,
-                    docs: docs.clone(),
-                });
-                outcomes.push((ticket, Ok(Some(Committed { seq, docs }))));
-            } else {
-                outcomes.push((ticket, Ok(None)));
-            }
+            batch = gather.more();
         }
     }
     // The new states are cached before they become visible: a reader whose
