@@ -107,7 +107,15 @@ pub(crate) struct Inflater {
     /// The damage found after the plaintext last handed out.
     failed: Option<InflateError>,
     scratch: Box<[u8]>,
+    /// Every byte received while none has inflated yet, up to
+    /// [`HEAD_LIMIT`]; `None` once something inflated, or past the limit.
+    head: Option<Vec<u8>>,
 }
+
+/// The most received bytes kept while nothing has inflated, for
+/// [`Inflater::uninflated_head`]: more than any `Error` frame a side sends
+/// before the peer's `Hello` (its reason is a short sentence).
+const HEAD_LIMIT: usize = 4 << 10;
 
 impl std::fmt::Debug for Inflater {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,16 +147,31 @@ impl Inflater {
             ended: false,
             failed: None,
             scratch: vec![0; 16 << 10].into_boxed_slice(),
+            head: Some(Vec::new()),
         }
     }
 
     /// Compressed bytes received.
     pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if let Some(head) = &mut self.head {
+            if head.len() + bytes.len() <= HEAD_LIMIT {
+                head.extend_from_slice(bytes);
+            } else {
+                self.head = None;
+            }
+        }
         if self.start > 0 && self.start == self.pending.len() {
             self.pending.clear();
             self.start = 0;
         }
         self.pending.extend_from_slice(bytes);
+    }
+
+    /// Everything received, when none of it has inflated to anything (a
+    /// stream that failed at once may not be compressed at all: a peer's
+    /// `Error` sent before it saw our `Hello`, PROTOCOL.md §2.1).
+    pub(crate) fn uninflated_head(&self) -> Option<&[u8]> {
+        self.head.as_deref().filter(|_| self.inner.total_out() == 0)
     }
 
     /// Compressed bytes not inflated yet.
@@ -184,6 +207,9 @@ impl Inflater {
             self.start = self.start.saturating_add(consumed).min(self.pending.len());
             out.extend_from_slice(&self.scratch[..made.min(room)]);
             produced += made;
+            if made > 0 {
+                self.head = None;
+            }
             let status = match status {
                 Ok(status) => status,
                 Err(e) => {
@@ -277,6 +303,28 @@ mod tests {
         assert_eq!(made, INFLATE_STEP);
         assert_eq!(out.len(), INFLATE_STEP);
         assert!(inflater.pending() > 0);
+    }
+
+    #[test]
+    fn the_head_is_kept_only_while_nothing_inflated() {
+        let mut inflater = Inflater::new();
+        inflater.push(b"\0\0\0");
+        inflater.push(b"\x1a\x02");
+        assert_eq!(inflater.uninflated_head(), Some(&b"\0\0\0\x1a\x02"[..]));
+        assert!(inflater.inflate(&mut Vec::new(), 1 << 10).is_err());
+        assert_eq!(inflater.uninflated_head(), Some(&b"\0\0\0\x1a\x02"[..]));
+        // A real stream: gone once something inflates.
+        let mut deflater = Deflater::new();
+        let mut inflater = Inflater::new();
+        let frames: &[u8] = b"frames";
+        inflater.push(&deflater.compress([frames]).expect("deflates"));
+        assert!(inflater.uninflated_head().is_some());
+        assert_eq!(inflate_all(&mut inflater), b"frames");
+        assert_eq!(inflater.uninflated_head(), None);
+        // Past the limit, nothing is kept.
+        let mut inflater = Inflater::new();
+        inflater.push(&vec![0u8; HEAD_LIMIT + 1]);
+        assert_eq!(inflater.uninflated_head(), None);
     }
 
     #[test]

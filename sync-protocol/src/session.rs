@@ -624,6 +624,17 @@ impl Session {
                             self.inflate_budget = self.inflate_budget.saturating_sub(n);
                         }
                         Err(e) => {
+                            // Not DEFLATE from its first byte: perhaps the
+                            // peer's `Error`, sent plain before it saw our
+                            // `Hello` (PROTOCOL.md §2.1). Take that one
+                            // frame, and nothing else, as it is.
+                            if let Some(message) = inflater
+                                .uninflated_head()
+                                .and_then(|raw| plain_error(raw, self.config.max_frame))
+                            {
+                                self.stats.frames_received += 1;
+                                self.inbox.push_back(message);
+                            }
                             self.broken = Some(Fatal::new(ErrorCode::MalformedFrame, e.to_string()))
                         }
                     }
@@ -2206,6 +2217,17 @@ fn resume(state: &mut SyncState) {
         last_sync: shared,
         bloom: BloomFilter::default(),
     }]);
+}
+
+/// The `Error` frame `raw` begins with, read as plain frames, if it is one.
+fn plain_error(raw: &[u8], max_frame: u32) -> Option<Message> {
+    let mut decoder = FrameDecoder::new(max_frame);
+    decoder.push(raw);
+    let payload = decoder.next_payload().ok()??;
+    match Message::decode_payload(&payload) {
+        Ok(message @ Message::Error(_)) => Some(message),
+        _ => None,
+    }
 }
 
 /// A copy of `doc` (or a new document) with the store's changes that wait

@@ -270,3 +270,63 @@ fn a_damaged_stream_ends_the_session_as_malformed() {
     // The frame before the damage was handled: the session subscribed.
     assert_eq!(peer.session.stats().frames_received, 2);
 }
+
+/// A side that ends the session before the peer's `Hello` came sends its
+/// `Error` uncompressed (it cannot know yet whether the stream will be
+/// compressed); a peer that expects compression still reads it for what
+/// it is, not as a damaged stream.
+#[test]
+fn an_error_sent_before_the_peers_hello_is_read_as_plain() {
+    let (a, b) = (replica_with(1), Replica::in_memory().expect("b"));
+    let mut at_a = Session::new(SessionConfig::new(A, B), NOW);
+    let mut at_b = Session::new(SessionConfig::new(B, A), NOW);
+    let hello_a: Vec<u8> = std::iter::from_fn(|| at_a.poll_transmit(&a))
+        .flatten()
+        .collect();
+    assert!(!hello_a.is_empty());
+    // B speaks, gives up before A's Hello reaches it, and says why.
+    let mut from_b: Vec<u8> = std::iter::from_fn(|| at_b.poll_transmit(&b))
+        .flatten()
+        .collect();
+    at_b.close(&b, ErrorCode::Timeout, "no Hello within 10.0 s");
+    from_b.extend(std::iter::from_fn(|| at_b.poll_transmit(&b)).flatten());
+    at_a.handle_input(&a, &from_b, NOW);
+    while at_a.poll_transmit(&a).is_some() {}
+    assert!(at_a.is_closed());
+    let events: Vec<Event> = std::iter::from_fn(|| at_a.poll_event()).collect();
+    let closed = events.iter().find_map(|e| match e {
+        Event::Closed {
+            code,
+            reason,
+            by_peer,
+        } => Some((*code, reason.clone(), *by_peer)),
+        _ => None,
+    });
+    assert_eq!(
+        closed,
+        Some((
+            ErrorCode::Timeout.as_u16(),
+            "no Hello within 10.0 s".to_string(),
+            true
+        )),
+        "{events:?}"
+    );
+    // Anything else that is not DEFLATE from its first byte stays damage.
+    let mut at_c = Session::new(SessionConfig::new(A, B), NOW);
+    let _ = std::iter::from_fn(|| at_c.poll_transmit(&a)).count();
+    let mut plain = from_b.clone();
+    let hello_len = 4 + u32::from_be_bytes(plain[..4].try_into().expect("length")) as usize;
+    plain.truncate(hello_len);
+    plain.extend(frame::encode_frame(&Message::Credit(Credit { docs: 1 })));
+    at_c.handle_input(&a, &plain, NOW);
+    while at_c.poll_transmit(&a).is_some() {}
+    assert!(at_c.is_closed());
+    let events: Vec<Event> = std::iter::from_fn(|| at_c.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::Closed { code, by_peer: false, .. } if *code == ErrorCode::MalformedFrame.as_u16()
+        )),
+        "{events:?}"
+    );
+}
