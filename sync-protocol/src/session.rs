@@ -31,6 +31,7 @@
 //! we now have), and the checkpoint only moves past a range once every
 //! document in it is durably stored in at least the announced state.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
@@ -1450,9 +1451,9 @@ impl Session {
                     .get(&doc)
                     .map(|w| w.heads.as_slice().to_vec())
                     .unwrap_or_default();
-                own_history(ours.as_ref().map(|d| d.automerge()), &heads)
+                Cow::Owned(own_history(ours.as_ref().map(|d| d.automerge()), &heads))
             };
-            let am = ours.as_ref().map_or(&working, |d| d.automerge());
+            let am = ours.as_ref().map_or(&*working, |d| d.automerge());
             if self
                 .receiving
                 .wanted
@@ -1812,7 +1813,7 @@ impl Session {
         // Then the message, for the sync state, on a copy: automerge may
         // panic or fail half-way, leaving the document or the state damaged.
         let mut working = if readable {
-            working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?
+            working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?.into_owned()
         } else if valid_space(&space) && self.config.access.can_write(&space) {
             // Write-only: speak from the peer's own history (what it says
             // it has), so it learns nothing it did not send.
@@ -2233,16 +2234,18 @@ fn plain_error(raw: &[u8], max_frame: u32) -> Option<Message> {
 /// A copy of `doc` (or a new document) with the store's changes that wait
 /// for dependencies queued in it, so automerge asks the peer for those
 /// dependencies rather than for changes it was already sent.
-fn working_copy<S: SyncStore>(
+///
+/// Borrowed when nothing waits: a caller that only reads it copies nothing.
+fn working_copy<'d, S: SyncStore>(
     store: &S,
     id: DocId,
-    doc: Option<&Automerge>,
-) -> Result<Automerge, StorageError> {
-    let mut working = doc.map_or_else(Automerge::new, Automerge::clone);
+    doc: Option<&'d Automerge>,
+) -> Result<Cow<'d, Automerge>, StorageError> {
     let pending = store.pending_changes(id)?;
+    let mut working = doc.map_or_else(|| Cow::Owned(Automerge::new()), Cow::Borrowed);
     if !pending.is_empty() {
         let queued = catch_unwind(AssertUnwindSafe(|| {
-            let mut copy = working.clone();
+            let mut copy = working.clone().into_owned();
             let changes: Result<Vec<Change>, _> = pending
                 .iter()
                 .map(|raw| Change::from_bytes(raw.clone()))
@@ -2253,7 +2256,7 @@ fn working_copy<S: SyncStore>(
             }
         }));
         if let Ok(Some(copy)) = queued {
-            working = copy;
+            working = Cow::Owned(copy);
         }
     }
     Ok(working)
