@@ -56,31 +56,45 @@ pub(crate) fn weight(doc: &Automerge) -> usize {
     usize::try_from(heap).unwrap_or(usize::MAX)
 }
 
-struct Entry {
+/// One state of a cached document.
+struct Version {
     heads: Heads,
     doc: Arc<Automerge>,
     weight: usize,
-    /// The state this one replaced, for readers still at it (shared
-    /// documents only).
-    previous: Option<Previous>,
 }
 
-struct Previous {
-    heads: Heads,
-    doc: Arc<Automerge>,
-    weight: usize,
+impl Version {
+    /// The document and its weight, for disposal.
+    fn parts(self) -> (Arc<Automerge>, usize) {
+        (self.doc, self.weight)
+    }
+}
+
+struct Entry {
+    current: Version,
+    /// The state `current` replaced, for readers still at it (shared
+    /// documents only).
+    previous: Option<Version>,
 }
 
 impl Entry {
     /// Its weight, with the previous state's.
     fn total(&self) -> usize {
-        self.weight
+        self.current
+            .weight
             .saturating_add(self.previous.as_ref().map_or(0, |p| p.weight))
+    }
+
+    /// The version at exactly these heads.
+    fn at(&self, heads: &Heads) -> Option<&Version> {
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|v| &v.heads == heads)
     }
 
     /// Its documents, with their weights, for disposal.
     fn into_docs(self) -> impl Iterator<Item = (Arc<Automerge>, usize)> {
-        std::iter::once((self.doc, self.weight)).chain(self.previous.map(|p| (p.doc, p.weight)))
+        std::iter::once(self.current.parts()).chain(self.previous.map(Version::parts))
     }
 }
 
@@ -124,14 +138,11 @@ impl DocCache {
     /// The cached document at exactly these heads, shared.
     pub(crate) fn get(&self, id: DocId, heads: &Heads) -> Option<Arc<Automerge>> {
         let mut inner = self.lock();
-        let hit = match inner.entries.get(&id) {
-            Some(entry) if &entry.heads == heads => Some(Arc::clone(&entry.doc)),
-            Some(Entry {
-                previous: Some(previous),
-                ..
-            }) if &previous.heads == heads => Some(Arc::clone(&previous.doc)),
-            _ => None,
-        };
+        let hit = inner
+            .entries
+            .get(&id)
+            .and_then(|entry| entry.at(heads))
+            .map(|version| Arc::clone(&version.doc));
         if hit.is_some() {
             if let Some(left) = inner.shared.get_mut(&id) {
                 *left = SHARED_TAKES;
@@ -155,7 +166,11 @@ impl DocCache {
     /// changes); any other is removed, and the writer owns it.
     pub(crate) fn take(&self, id: DocId, heads: &Heads) -> Option<Arc<Automerge>> {
         let mut inner = self.lock();
-        if inner.entries.peek(&id).is_none_or(|e| &e.heads != heads) {
+        if inner
+            .entries
+            .peek(&id)
+            .is_none_or(|e| &e.current.heads != heads)
+        {
             inner.misses += 1;
             inner.note_writing(id);
             return None;
@@ -165,7 +180,7 @@ impl DocCache {
             if *left == 0 {
                 inner.shared.remove(&id);
             }
-            return inner.entries.peek(&id).map(|e| Arc::clone(&e.doc));
+            return inner.entries.peek(&id).map(|e| Arc::clone(&e.current.doc));
         }
         let mut entry = inner.entries.pop(&id)?;
         inner.used -= entry.total();
@@ -173,9 +188,9 @@ impl DocCache {
         let previous = entry.previous.take();
         drop(inner);
         if let Some(previous) = previous {
-            self.disposal.dispose(vec![(previous.doc, previous.weight)]);
+            self.disposal.dispose(vec![previous.parts()]);
         }
-        Some(entry.doc)
+        Some(entry.current.doc)
     }
 
     /// Caches a document at its heads, evicting the least recently used
@@ -191,32 +206,25 @@ impl DocCache {
         let mut inner = self.lock();
         inner.writing.remove(&id);
         let mut previous = None;
-        if let Some(mut old) = inner.entries.pop(&id) {
+        if let Some(old) = inner.entries.pop(&id) {
             inner.used -= old.total();
-            displaced.extend(old.previous.take().map(|p| (p.doc, p.weight)));
-            if inner.shared.contains_key(&id) && old.heads != heads {
-                previous = Some(Previous {
-                    heads: old.heads,
-                    doc: old.doc,
-                    weight: old.weight,
-                });
+            displaced.extend(old.previous.map(Version::parts));
+            if inner.shared.contains_key(&id) && old.current.heads != heads {
+                previous = Some(old.current);
             } else {
-                displaced.push((old.doc, old.weight));
+                displaced.push(old.current.parts());
             }
         }
+        let entry = Entry {
+            current: Version { heads, doc, weight },
+            previous,
+        };
         if self.budget == 0 {
             drop(inner);
-            displaced.push((doc, weight));
-            displaced.extend(previous.map(|p| (p.doc, p.weight)));
+            displaced.extend(entry.into_docs());
             self.disposal.dispose(displaced);
             return;
         }
-        let entry = Entry {
-            heads,
-            doc,
-            weight,
-            previous,
-        };
         inner.used += entry.total();
         inner.entries.put(id, entry);
         while inner.used > self.budget && inner.entries.len() > 1 {
@@ -235,7 +243,7 @@ impl DocCache {
             && let Some(previous) = entry.previous.take()
         {
             inner.used -= previous.weight;
-            displaced.push((previous.doc, previous.weight));
+            displaced.push(previous.parts());
         }
         drop(inner);
         self.disposal.dispose(displaced);

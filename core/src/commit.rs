@@ -1,11 +1,12 @@
 //! Group commit: every write (a local transaction, or changes received from
 //! elsewhere) becomes a [`Request`] queued here. Whichever waiting thread
 //! finds no commit in progress becomes the leader: it applies every queued
-//! request inside one redb write transaction, and goes on taking requests
-//! that arrive while it writes (those of transactions that were still being
-//! made, under steady load, for a moment at most) before it commits them all
-//! with one (two-phase) fsync, then hands each request its outcome. Each request is still
-//! acknowledged only once it is durable; concurrent requests share the fsync.
+//! request inside one redb write transaction, goes on taking the requests
+//! that arrive while it writes (under steady load, those of transactions
+//! still being made; for a moment at most), commits them all with one
+//! (two-phase) fsync, then hands each request its outcome. Each request is
+//! still acknowledged only once it is durable; concurrent requests share the
+//! fsync.
 //!
 //! Within the batch each request is all-or-nothing on its own: it is first
 //! *prepared* (everything that can fail because of the request's content is

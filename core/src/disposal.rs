@@ -33,6 +33,8 @@ pub(crate) struct Disposal {
     thread: Mutex<Thread>,
     /// The weight handed over and not yet freed, shared with the thread.
     waiting: Arc<AtomicUsize>,
+    /// Documents the thread has freed.
+    freed: Arc<AtomicUsize>,
     budget: usize,
 }
 
@@ -60,6 +62,7 @@ impl Disposal {
         Self {
             thread: Mutex::new(Thread::NotStarted),
             waiting: Arc::new(AtomicUsize::new(0)),
+            freed: Arc::new(AtomicUsize::new(0)),
             budget,
         }
     }
@@ -97,7 +100,7 @@ impl Disposal {
         }
         let mut thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
         if matches!(*thread, Thread::NotStarted) {
-            *thread = spawn(Arc::clone(&self.waiting));
+            *thread = spawn(Arc::clone(&self.waiting), Arc::clone(&self.freed));
         }
         let left = match &*thread {
             Thread::Running(tx) => match tx.try_send((heavy, weight)) {
@@ -117,7 +120,7 @@ impl Disposal {
     }
 }
 
-fn spawn(waiting: Arc<AtomicUsize>) -> Thread {
+fn spawn(waiting: Arc<AtomicUsize>, freed: Arc<AtomicUsize>) -> Thread {
     let (tx, rx) = mpsc::sync_channel::<Batch>(QUEUE);
     let spawned = std::thread::Builder::new()
         .name("concord-disposal".into())
@@ -125,8 +128,10 @@ fn spawn(waiting: Arc<AtomicUsize>) -> Thread {
             // Each batch is freed as it arrives; the loop ends when the
             // cache (and with it the sender) is gone.
             for (batch, weight) in rx {
+                let count = batch.len();
                 drop(batch);
                 waiting.fetch_sub(weight, Ordering::AcqRel);
+                freed.fetch_add(count, Ordering::AcqRel);
             }
         });
     match spawned {
@@ -161,6 +166,7 @@ mod tests {
             *disposal.thread.lock().expect("lock"),
             Thread::NotStarted
         ));
+        assert_eq!(disposal.waiting.load(Ordering::Acquire), 0);
         // The shared one is still whole for its other holder.
         assert_eq!(Arc::strong_count(&held), 1);
         assert!(held.get(ROOT, "k").expect("read").is_some());
@@ -171,7 +177,8 @@ mod tests {
         let disposal = Disposal::new(4 * DEFERRED_WEIGHT);
         // More than the budget and the channel hold at once: the rest are
         // freed in place, and nothing is counted as waiting for ever.
-        for _ in 0..(QUEUE * 4) {
+        let rounds = QUEUE * 4;
+        for _ in 0..rounds {
             disposal.dispose(vec![(doc(), DEFERRED_WEIGHT), (doc(), DEFERRED_WEIGHT)]);
             assert!(disposal.waiting.load(Ordering::Acquire) <= 4 * DEFERRED_WEIGHT);
         }
@@ -187,6 +194,13 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        // The thread freed some of them (the first pair, at least, found
+        // it idle and the budget free), and not more than were handed over.
+        let freed = disposal.freed.load(Ordering::Acquire);
+        assert!(
+            freed >= 2 && freed <= 2 * rounds,
+            "{freed} freed on the thread"
+        );
         // Dropping the disposal lets the thread finish and exit.
         drop(disposal);
     }
