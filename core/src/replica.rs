@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use automerge::Change;
 use redb::ReadableDatabase;
 
 use crate::DocId;
@@ -159,14 +160,26 @@ pub struct Incoming {
 }
 
 /// The bytes of an [`Incoming`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum IncomingData {
     /// automerge changes, each in automerge's binary change format, in any
     /// order.
     Changes(Vec<Vec<u8>>),
+    /// automerge changes the caller has already parsed, in any order: for a
+    /// caller that had to parse them anyway (a sync session reads the changes
+    /// a message carries before automerge sees it), so they are not parsed
+    /// twice. [`Change::from_bytes`] has verified each one's checksum; it
+    /// inflated any compressed columns, so bounding what they inflate to
+    /// ([`inflate::check`] before parsing) was the caller's part. Applying
+    /// them is contained as for [`IncomingData::Changes`].
+    Parsed(Vec<Change>),
     /// A whole document in automerge's save format; its changes are merged.
     Document(Vec<u8>),
 }
+
+// automerge's `Change` is `PartialEq` only, but its equality compares plain
+// bytes and fields, so it is reflexive.
+impl Eq for IncomingData {}
 
 /// An open replica: a redb file (or memory) holding automerge documents.
 ///
@@ -335,6 +348,7 @@ impl Replica {
                     }
                     contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(invalid)?
                 }
+                IncomingData::Parsed(changes) => changes,
                 IncomingData::Document(bytes) => {
                     inflate::check(&bytes, MAX_INFLATED_BYTES)
                         .map_err(|e| invalid(e.to_string()))?;

@@ -7,7 +7,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 use concord_core::automerge::transaction::Transactable;
-use concord_core::automerge::{Automerge, ROOT};
+use concord_core::automerge::{Automerge, Change, ROOT};
 use concord_core::{
     ApplyError, DEFAULT_SPACE, DocError, DocId, FORMAT_VERSION, Incoming, IncomingData, OpenError,
     Origin, Replica, ReplicaOptions, StorageError, TxError,
@@ -964,6 +964,20 @@ fn resealed_mutations_given_to_apply_never_panic_nor_damage() {
             IncomingData::Document(resealed_mutation(&saved, &mut rng))
         });
     }
+    // The same changes already parsed, as a sync session hands them over:
+    // those that `Change::from_bytes` accepts reach the store's apply only.
+    let parsed: Vec<IncomingData> = inputs
+        .iter()
+        .filter_map(|data| match data {
+            IncomingData::Changes(raw) => catch_unwind(|| Change::from_bytes(raw[0].clone()))
+                .ok()?
+                .ok()
+                .map(|c| IncomingData::Parsed(vec![c])),
+            _ => None,
+        })
+        .collect();
+    assert!(!parsed.is_empty(), "no mutated change parses");
+    inputs.extend(parsed);
     let (mut refused, mut accepted, mut contained) = (0, 0, 0);
     for (i, data) in inputs.into_iter().enumerate() {
         let before = state(&replica, id);

@@ -1740,7 +1740,7 @@ impl Session {
                 return Ok(());
             }
         };
-        let new_changes = unseen(ours.as_ref(), &carried);
+        let new_changes = unseen(ours.as_ref(), carried);
         // Stored with the other documents of its run of frames (those of
         // its changes that wait for dependencies wait in the store, not in
         // `ours`: they are not stored again).
@@ -1774,7 +1774,7 @@ impl Session {
             let incoming = Incoming {
                 id: doc,
                 space: space.clone(),
-                data: IncomingData::Changes(new_changes),
+                data: IncomingData::Parsed(new_changes),
             };
             if let Err(fatal_or_refusal) = self.store_changes(store, incoming, readable) {
                 match fatal_or_refusal {
@@ -1992,7 +1992,7 @@ impl Session {
             let Ok(carried) = message_changes(&message) else {
                 continue;
             };
-            let new = unseen(ours.as_ref(), &carried);
+            let new = unseen(ours.as_ref(), carried);
             if new.is_empty() {
                 continue;
             }
@@ -2000,7 +2000,7 @@ impl Session {
             batch.push(Incoming {
                 id: doc,
                 space,
-                data: IncomingData::Changes(new),
+                data: IncomingData::Parsed(new),
             });
         }
         if batch.len() < 2 {
@@ -2316,12 +2316,11 @@ fn message_changes(message: &AmMessage) -> Result<Vec<Change>, String> {
     Ok(out)
 }
 
-/// The bytes of the changes of `carried` that `ours` does not hold.
-fn unseen(ours: Option<&concord_core::Document>, carried: &[Change]) -> Vec<Vec<u8>> {
+/// The changes of `carried` that `ours` does not hold.
+fn unseen(ours: Option<&concord_core::Document>, carried: Vec<Change>) -> Vec<Change> {
     carried
-        .iter()
+        .into_iter()
         .filter(|c| ours.is_none_or(|d| d.automerge().get_change_meta_by_hash(&c.hash()).is_none()))
-        .map(|c| c.raw_bytes().to_vec())
         .collect()
 }
 
