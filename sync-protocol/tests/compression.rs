@@ -16,6 +16,8 @@ use concord_sync_protocol::message::{Credit, Subscribe};
 use concord_sync_protocol::{ErrorCode, Event, Message, Session, SessionConfig};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 
+mod common;
+
 const A: NodeId = NodeId::from_bytes([0xaa; 32]);
 const B: NodeId = NodeId::from_bytes([0xbb; 32]);
 const NOW: Duration = Duration::ZERO;
@@ -34,46 +36,6 @@ fn replica_with(docs: usize) -> Replica {
     }
     tx.commit().expect("commit");
     replica
-}
-
-/// Carries bytes between the sessions until both are idle; returns each
-/// side's events.
-fn carry(a: &Replica, b: &Replica, at_a: &mut Session, at_b: &mut Session) -> [Vec<Event>; 2] {
-    let mut now = NOW;
-    let mut events = [Vec::new(), Vec::new()];
-    let mut waited = false;
-    for round in 0.. {
-        assert!(round < 100_000, "the sessions never went idle");
-        let mut moved = false;
-        for turn in 0..2 {
-            let (from, to, at_from, at_to) = if turn == 0 {
-                (a, b, &mut *at_a, &mut *at_b)
-            } else {
-                (b, a, &mut *at_b, &mut *at_a)
-            };
-            let bytes: Vec<u8> = std::iter::from_fn(|| at_from.poll_transmit(from))
-                .flatten()
-                .collect();
-            if !bytes.is_empty() {
-                at_to.handle_input(to, &bytes, now);
-                moved = true;
-            }
-        }
-        let [events_a, events_b] = &mut events;
-        events_a.extend(std::iter::from_fn(|| at_a.poll_event()));
-        events_b.extend(std::iter::from_fn(|| at_b.poll_event()));
-        if moved {
-            waited = false;
-        } else if waited && at_a.is_idle() && at_b.is_idle() {
-            break;
-        } else {
-            now += Duration::from_millis(10);
-            at_a.handle_timeout(a, now);
-            at_b.handle_timeout(b, now);
-            waited = true;
-        }
-    }
-    events
 }
 
 /// The capabilities each side agreed on.
@@ -99,8 +61,12 @@ fn first_sync(compress_a: bool, compress_b: bool) -> (Session, Session, [Vec<Eve
     };
     let mut at_a = Session::new(config(A, B, compress_a), NOW);
     let mut at_b = Session::new(config(B, A, compress_b), NOW);
-    let events = carry(&a, &b, &mut at_a, &mut at_b);
-    assert!(!at_a.is_closed() && !at_b.is_closed(), "a session ended");
+    let mut now = NOW;
+    common::carry(&a, &b, &mut at_a, &mut at_b, &mut now);
+    let events = [
+        std::iter::from_fn(|| at_a.poll_event()).collect(),
+        std::iter::from_fn(|| at_b.poll_event()).collect(),
+    ];
     let (ra, rb) = (a.read().expect("read"), b.read().expect("read"));
     let ids = ra.list(None, 1000).expect("list");
     assert_eq!(ids.len(), 300);

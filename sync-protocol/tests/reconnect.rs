@@ -10,6 +10,8 @@ use concord_core::automerge::transaction::Transactable;
 use concord_core::{DEFAULT_SPACE, DocId, Incoming, IncomingData, NodeId, Origin, Replica};
 use concord_sync_protocol::{Event, Session, SessionConfig, SessionStats};
 
+mod common;
+
 const A: NodeId = NodeId::from_bytes([0xaa; 32]);
 const B: NodeId = NodeId::from_bytes([0xbb; 32]);
 
@@ -59,9 +61,7 @@ fn session_with(a: &Replica, b: &Replica, window: u32) -> Traffic {
     traffic
 }
 
-/// Carries frames between `at_a` (on `a`) and `at_b` (on `b`) until both
-/// are idle, after telling each of its replica's commits; returns the
-/// traffic.
+/// [`common::carry`], returning the traffic it carried.
 fn carry(
     a: &Replica,
     b: &Replica,
@@ -69,46 +69,8 @@ fn carry(
     at_b: &mut Session,
     now: &mut Duration,
 ) -> Traffic {
-    // Whether time has passed since frames last moved (announcements held
-    // for the announce interval go then).
-    let mut waited = false;
     let (start_a, start_b) = (at_a.stats(), at_b.stats());
-    // Commits since the sessions last ran.
-    at_a.handle_feed(a, *now);
-    at_b.handle_feed(b, *now);
-    for round in 0.. {
-        assert!(round < 100_000, "the sessions never went idle");
-        // What one side has to send reaches the other in one read, as
-        // frames written together do over the node's stream.
-        let mut moved = false;
-        for turn in 0..2 {
-            let (from, to, at_from, at_to) = if turn == 0 {
-                (a, b, &mut *at_a, &mut *at_b)
-            } else {
-                (b, a, &mut *at_b, &mut *at_a)
-            };
-            let mut bytes = Vec::new();
-            while let Some(chunk) = at_from.poll_transmit(from) {
-                bytes.extend_from_slice(&chunk);
-            }
-            if !bytes.is_empty() {
-                at_to.handle_input(to, &bytes, *now);
-                at_to.handle_feed(to, *now);
-                moved = true;
-            }
-        }
-        if moved {
-            waited = false;
-        } else if waited && at_a.is_idle() && at_b.is_idle() {
-            break;
-        } else {
-            *now += Duration::from_millis(10);
-            at_a.handle_timeout(a, *now);
-            at_b.handle_timeout(b, *now);
-            waited = true;
-        }
-    }
-    assert!(!at_a.is_closed() && !at_b.is_closed(), "a session ended");
+    common::carry(a, b, at_a, at_b, now);
     Traffic::between(at_a, at_b, start_a, start_b)
 }
 
