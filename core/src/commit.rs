@@ -499,7 +499,24 @@ fn commit_batch(
             .insert(id, current.row.heads(), current.doc, weight);
     }
     tx.commit()?;
+    #[cfg(test)]
+    LANDED.with(|hook| {
+        if let Some(hook) = &*hook.borrow() {
+            hook(shared);
+        }
+    });
     Ok((outcomes, events))
+}
+
+#[cfg(test)]
+type LandedHook = Box<dyn Fn(&Shared)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Called on the committing thread the moment a batch's redb commit has
+    /// landed, before anything else: where a reader on another thread could
+    /// begin a snapshot that sees it.
+    static LANDED: std::cell::RefCell<Option<LandedHook>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The current row and document of `id` within the batch: a document already
@@ -920,4 +937,48 @@ fn write_update(
             doc: Arc::new(doc),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use automerge::ROOT;
+    use automerge::transaction::Transactable;
+    use redb::ReadableDatabase;
+
+    use super::LANDED;
+    use crate::store::{self, DocRow};
+    use crate::{DEFAULT_SPACE, Replica};
+
+    #[test]
+    fn a_snapshot_that_sees_a_commit_finds_its_state_cached() {
+        let replica = Replica::in_memory().expect("replica");
+        let mut tx = replica.begin().expect("begin");
+        let (id, ()) = tx
+            .create(DEFAULT_SPACE, |d| d.put(ROOT, "n", 0))
+            .expect("create");
+        tx.commit().expect("commit");
+        // The moment each commit lands, read what a fresh snapshot sees and
+        // ask the cache for exactly that state.
+        let found = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&found);
+        LANDED.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move |shared| {
+                let read = shared.db.begin_read().expect("read");
+                let docs = read.open_table(store::DOCS).expect("docs");
+                let bytes = docs.get(*id.as_bytes()).expect("get").expect("row");
+                let row = DocRow::decode(id, bytes.value()).expect("decode");
+                let hit = shared.cache.get(id, &row.heads()).is_some();
+                record.lock().expect("lock").push(hit);
+            }))
+        });
+        for n in 1..=3 {
+            let mut tx = replica.begin().expect("begin");
+            tx.change(id, |d| d.put(ROOT, "n", n)).expect("change");
+            tx.commit().expect("commit");
+        }
+        LANDED.with(|hook| hook.borrow_mut().take());
+        assert_eq!(*found.lock().expect("lock"), [true, true, true]);
+    }
 }
