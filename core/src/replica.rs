@@ -326,6 +326,8 @@ impl Replica {
     /// - Compressed parts may inflate to [`inflate::MAX_INFLATED_BYTES`] per
     ///   incoming document at most; more is refused before automerge
     ///   inflates anything (a decompression bomb costs no memory).
+    /// - [`IncomingData::Parsed`] changes skip both (their caller parsed
+    ///   them); applying them is contained all the same.
     ///
     /// Returns the commit's feed sequence number and the changed documents
     /// (`seq: None` when nothing changed).
