@@ -435,49 +435,10 @@ fn commit_batch(
         let mut batch = first;
         while !batch.is_empty() {
             for (ticket, request) in std::mem::take(&mut batch) {
-                let (origin, prepared) = match request {
-                    Request::Local(writes) => (
-                        Origin::Local,
-                        prepare_local(shared, &mut tables, &mut finished, writes),
-                    ),
-                    Request::Remote(origin, writes) => (
-                        origin,
-                        prepare_remote(shared, &mut tables, &mut finished, origin, writes),
-                    ),
-                };
-                let updates = match prepared {
-                    Ok(updates) => updates,
-                    Err(e) => {
-                        outcomes.push((ticket, Err(e)));
-                        continue;
-                    }
-                };
-                let changed = updates.iter().any(|u| u.changed);
-                if changed {
-                    seq += 1;
-                }
-                let mut docs = Vec::new();
-                for update in updates {
-                    if update.changed {
-                        docs.push(DocChange {
-                            id: update.id,
-                            space: update.row.space.clone(),
-                            heads: Heads::from_raw(update.row.heads.clone()),
-                        });
-                    }
-                    let current = write_update(shared, &mut tables, seq, update)?;
-                    finished.insert(current.0, current.1);
-                }
-                if changed {
-                    events.push(CommitEvent {
-                        seq,
-                        origin,
-                        docs: docs.clone(),
-                    });
-                    outcomes.push((ticket, Ok(Some(Committed { seq, docs }))));
-                } else {
-                    outcomes.push((ticket, Ok(None)));
-                }
+                let (outcome, event) =
+                    write_request(shared, &mut tables, &mut finished, &mut seq, request)?;
+                outcomes.push((ticket, outcome));
+                events.extend(event);
             }
             batch = gather.more();
         }
@@ -506,6 +467,58 @@ fn commit_batch(
         }
     });
     Ok((outcomes, events))
+}
+
+/// Prepares and writes one request of a batch; when it changes anything,
+/// its commit takes the next sequence number after `seq`. A request that
+/// fails to prepare has its error as its outcome and writes nothing; a
+/// storage error fails the batch.
+fn write_request(
+    shared: &Shared,
+    tables: &mut Tables<'_>,
+    finished: &mut HashMap<DocId, Current>,
+    seq: &mut u64,
+    request: Request,
+) -> Result<(Outcome, Option<CommitEvent>), StorageError> {
+    let (origin, prepared) = match request {
+        Request::Local(writes) => (
+            Origin::Local,
+            prepare_local(shared, tables, finished, writes),
+        ),
+        Request::Remote(origin, writes) => (
+            origin,
+            prepare_remote(shared, tables, finished, origin, writes),
+        ),
+    };
+    let updates = match prepared {
+        Ok(updates) => updates,
+        Err(e) => return Ok((Err(e), None)),
+    };
+    let changed = updates.iter().any(|u| u.changed);
+    if changed {
+        *seq += 1;
+    }
+    let mut docs = Vec::new();
+    for update in updates {
+        if update.changed {
+            docs.push(DocChange {
+                id: update.id,
+                space: update.row.space.clone(),
+                heads: Heads::from_raw(update.row.heads.clone()),
+            });
+        }
+        let (id, current) = write_update(shared, tables, *seq, update)?;
+        finished.insert(id, current);
+    }
+    if !changed {
+        return Ok((Ok(None), None));
+    }
+    let event = CommitEvent {
+        seq: *seq,
+        origin,
+        docs: docs.clone(),
+    };
+    Ok((Ok(Some(Committed { seq: *seq, docs })), Some(event)))
 }
 
 #[cfg(test)]
@@ -945,10 +958,8 @@ mod tests {
 
     use automerge::ROOT;
     use automerge::transaction::Transactable;
-    use redb::ReadableDatabase;
 
     use super::LANDED;
-    use crate::store::{self, DocRow};
     use crate::{DEFAULT_SPACE, Replica};
 
     #[test]
@@ -963,13 +974,12 @@ mod tests {
         // ask the cache for exactly that state.
         let found = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&found);
+        let reader = replica.clone();
         LANDED.with(|hook| {
             *hook.borrow_mut() = Some(Box::new(move |shared| {
-                let read = shared.db.begin_read().expect("read");
-                let docs = read.open_table(store::DOCS).expect("docs");
-                let bytes = docs.get(*id.as_bytes()).expect("get").expect("row");
-                let row = DocRow::decode(id, bytes.value()).expect("decode");
-                let hit = shared.cache.get(id, &row.heads()).is_some();
+                let seen = reader.read().expect("read").summary(id).expect("summary");
+                let heads = seen.expect("the document").heads;
+                let hit = shared.cache.get(id, &heads).is_some();
                 record.lock().expect("lock").push(hit);
             }))
         });
