@@ -1727,34 +1727,38 @@ impl Session {
             None => self.state_for(store, doc)?,
         };
         self.restrict(&mut state, &space);
-        // The changes the message carries. automerge may apply only part of
-        // what it receives (FINDINGS.md), so the session stores all of it
-        // itself, before automerge sees the message: a received change is
-        // applied to the document once (in the store, whose apply contains
-        // automerge's panics), and is durable as soon as it can be.
-        let carried = match message_changes(&message) {
-            Ok(carried) => carried,
-            Err(reason) => {
-                self.end_exchange(doc, false);
-                self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, reason);
-                return Ok(());
-            }
-        };
-        let new_changes = unseen(ours.as_ref(), carried);
-        // Stored with the other documents of its run of frames (those of
-        // its changes that wait for dependencies wait in the store, not in
+        // Stored with the other documents of its run of frames, whose
+        // reading parsed this message's changes already (those of its
+        // changes that wait for dependencies wait in the store, not in
         // `ours`: they are not stored again).
         let prestored = self.prestored.remove(&doc);
-        if let Some(count) = prestored {
-            self.stats.changes_received += count as u64;
-            self.events.push_back(Event::Applied {
-                doc,
-                changes: count,
-            });
-        }
+        let new_changes = match prestored {
+            Some(count) => {
+                self.stats.changes_received += count as u64;
+                self.events.push_back(Event::Applied {
+                    doc,
+                    changes: count,
+                });
+                Vec::new()
+            }
+            // The changes the message carries. automerge may apply only
+            // part of what it receives (FINDINGS.md), so the session stores
+            // all of it itself, before automerge sees the message: a
+            // received change is applied to the document once (in the
+            // store, whose apply contains automerge's panics), and is
+            // durable as soon as it can be.
+            None => match message_changes(&message) {
+                Ok(carried) => unseen(ours.as_ref(), carried),
+                Err(reason) => {
+                    self.end_exchange(doc, false);
+                    self.refuse_doc(doc, ErrorCode::InvalidSyncMessage, reason);
+                    return Ok(());
+                }
+            },
+        };
         let readable = valid_space(&space) && self.config.access.can_read(&space);
         let mut refused_write = false;
-        let stored = if new_changes.is_empty() || prestored.is_some() {
+        let stored = if new_changes.is_empty() {
             ours
         } else if valid_space(&space) && !self.config.access.can_write(&space) {
             // A peer that may read but not write: store nothing of it, but
