@@ -35,8 +35,8 @@ use crate::{DocId, Heads, NodeId};
 /// The most requests one leader commits in one redb transaction.
 const MAX_BATCH: usize = 256;
 
-/// How long a leader waits for transactions already writing to join its
-/// batch. Only when some are: a lone writer never waits.
+/// How long a leader waits (yielding its CPU) for transactions already
+/// writing to join its batch. Only when some are: a lone writer never waits.
 const GATHER: Duration = Duration::from_micros(250);
 
 /// A document written by a local transaction.
@@ -125,8 +125,6 @@ struct Queue {
 pub(crate) struct Committer {
     queue: Mutex<Queue>,
     wake: Condvar,
-    /// Signalled when a request is queued, for a leader gathering its batch.
-    arrived: Condvar,
     /// Local transactions that have written and not yet been submitted.
     writers: AtomicUsize,
 }
@@ -150,7 +148,6 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.shared.committer.writers.fetch_sub(1, Ordering::SeqCst);
-        self.shared.committer.arrived.notify_all();
     }
 }
 
@@ -179,9 +176,8 @@ impl Committer {
         queue.next_ticket += 1;
         queue.waiting.push((ticket, request));
         queue.waiting_threads.push(std::thread::current().id());
-        // Queued: no longer a writer to wait for; wake a gathering leader.
+        // Queued: no longer a writer for a gathering leader to wait for.
         drop(writer);
-        self.arrived.notify_all();
         loop {
             if let Some(outcome) = queue.done.remove(&ticket) {
                 return outcome;
@@ -270,31 +266,40 @@ impl Gather<'_> {
     /// Requests queued since the last take, once there are some; empty
     /// once the batch is complete: full, the expected requests in and no
     /// transaction still writing, or the deadline passed.
+    ///
+    /// The leader yields its CPU while it waits rather than sleeping on a
+    /// condition variable: the transactions it waits for need a CPU to
+    /// finish (there are usually more writers than cores when a batch
+    /// gathers), and being woken for each arrival cost more than the
+    /// waiting. Measured on the project's 2-core VM, C1 with 8 threads,
+    /// alternating pairs: the gathering phase of a batch 195–223 µs
+    /// sleeping, 160–187 µs yielding, and 10,861–12,102 against
+    /// 11,301–12,792 commits/s. The deadline bounds the yielding, as it
+    /// bounded the sleep; a lone writer never gathers at all.
     fn more(&mut self) -> Vec<(u64, Request)> {
         let committer = self.committer;
-        let mut queue = committer
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         loop {
             if self.taken >= MAX_BATCH {
                 return Vec::new();
             }
-            if !queue.waiting.is_empty() {
-                return self.take(&mut queue);
+            {
+                let mut queue = committer
+                    .queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if !queue.waiting.is_empty() {
+                    return self.take(&mut queue);
+                }
+                // Read under the lock: a request is queued and its writer
+                // unmarked in one step.
+                if committer.writers.load(Ordering::SeqCst) == 0 && self.taken >= self.expected {
+                    return Vec::new();
+                }
             }
-            if committer.writers.load(Ordering::SeqCst) == 0 && self.taken >= self.expected {
+            if Instant::now() >= self.deadline {
                 return Vec::new();
             }
-            let now = Instant::now();
-            if now >= self.deadline {
-                return Vec::new();
-            }
-            queue = committer
-                .arrived
-                .wait_timeout(queue, self.deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            std::thread::yield_now();
         }
     }
 }
