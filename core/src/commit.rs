@@ -117,6 +117,9 @@ struct Queue {
     done: HashMap<u64, Outcome>,
     next_ticket: u64,
     leader_busy: bool,
+    /// Threads asleep on [`Committer::wake`]: a leader whose batch had none
+    /// (a lone writer) skips the wake-up's system call.
+    sleepers: usize,
     /// The threads whose requests made the last batch.
     last_batch: Vec<ThreadId>,
 }
@@ -183,10 +186,12 @@ impl Committer {
                 return outcome;
             }
             if queue.leader_busy {
+                queue.sleepers += 1;
                 queue = self
                     .wake
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
+                queue.sleepers -= 1;
                 continue;
             }
             // Lead: take what is queued (our own request among it, unless an
@@ -232,7 +237,9 @@ impl Committer {
             queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             queue.done.extend(outcomes);
             queue.leader_busy = false;
-            self.wake.notify_all();
+            if queue.sleepers > 0 {
+                self.wake.notify_all();
+            }
         }
     }
 }
