@@ -3,9 +3,9 @@
 //!
 //! Replica A sets key `seq` of one document `--history N` times, one
 //! transaction each; replica B receives each change through
-//! [`Replica::apply`], as a session hands it over (already parsed). Both
-//! replicas are in memory, so the figures are CPU, not fsync. For the last
-//! `--sample` changes it times B's `apply`, and automerge's own
+//! [`Replica::apply`], as a session hands it over (from a peer, already
+//! parsed). Both replicas are in memory, so the figures are CPU, not fsync.
+//! For the last `--sample` changes it times B's `apply`, and automerge's own
 //! `apply_changes` of the same change to a bare copy of the document, and
 //! prints one JSON line of medians per history length (several lengths, as
 //! `--history 100,1000,5000`).
@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use concord_core::automerge::transaction::Transactable;
 use concord_core::automerge::{Automerge, Change, ROOT};
-use concord_core::{DEFAULT_SPACE, Incoming, IncomingData, Origin, Replica};
+use concord_core::{DEFAULT_SPACE, Incoming, IncomingData, NodeId, Origin, Replica};
 
 struct Args {
     histories: Vec<u64>,
@@ -112,7 +112,7 @@ fn measure(history: u64, sample: u64) -> (f64, f64) {
             data: IncomingData::Parsed(vec![change]),
         };
         let started = Instant::now();
-        b.apply(Origin::Import, vec![incoming])
+        b.apply(Origin::Peer(NodeId::from_bytes([7; 32])), vec![incoming])
             .expect("concord apply");
         if timed {
             concord.push(started.elapsed().as_nanos());
