@@ -29,7 +29,7 @@ use crate::document;
 use crate::error::{ApplyError, CommitError, DocError, StorageError};
 use crate::feed::{CommitEvent, DocChange, Origin};
 use crate::replica::Shared;
-use crate::store::{self, DocRow};
+use crate::store::{self, ChainError, DocRow, LogEntry};
 use crate::{DocId, Heads, NodeId};
 
 /// The most requests one leader commits in one redb transaction.
@@ -355,7 +355,9 @@ type PendingTable<'txn> = Table<'txn, ([u8; 16], [u8; 32]), &'static [u8]>;
 struct Tables<'txn> {
     tx: &'txn WriteTransaction,
     docs: Table<'txn, [u8; 16], &'static [u8]>,
-    log: Table<'txn, ([u8; 16], u64), &'static [u8]>,
+    log: Table<'txn, u64, &'static [u8]>,
+    /// The log number the next change appended takes (read at the first).
+    next_log: Option<u64>,
     feed: Table<'txn, (u64, [u8; 16]), &'static [u8]>,
     snapshots: Option<SnapshotTable<'txn>>,
     pending: Option<PendingTable<'txn>>,
@@ -368,6 +370,43 @@ impl<'txn> Tables<'txn> {
 
     fn pending(&mut self) -> Result<&mut PendingTable<'txn>, StorageError> {
         opened(self.tx, &mut self.pending, store::PENDING)
+    }
+
+    /// Appends a change to the log, at the head of its document's chain.
+    fn append(
+        &mut self,
+        row: &mut DocRow,
+        key: [u8; 16],
+        change: &[u8],
+    ) -> Result<(), StorageError> {
+        let number = match self.next_log {
+            Some(number) => number,
+            None => store::next_log_number(&self.log)?,
+        };
+        let entry = LogEntry::encode(&key, row.log_last, change);
+        self.log.insert(number, entry.as_slice())?;
+        row.log_last = number;
+        self.next_log = Some(number.saturating_add(1));
+        Ok(())
+    }
+
+    /// Removes a document's whole log (its snapshot now holds it).
+    fn clear_log(&mut self, id: DocId, row: &mut DocRow) -> Result<(), StorageError> {
+        match store::log_chain(&self.log, *id.as_bytes(), row) {
+            Ok(entries) => {
+                for (number, _) in entries {
+                    self.log.remove(number)?;
+                }
+            }
+            Err(ChainError::Storage(e)) => return Err(e),
+            // The document was loaded, so its chain was whole then; entries
+            // it no longer reaches stay behind, unused.
+            Err(ChainError::Broken(reason)) => {
+                tracing::warn!(%id, %reason, "change log not fully removed at compaction");
+            }
+        }
+        row.log_last = 0;
+        Ok(())
     }
 
     /// Loads the stored document of `row`.
@@ -434,6 +473,7 @@ fn commit_batch(
             tx: &tx,
             docs: tx.open_table(store::DOCS)?,
             log: tx.open_table(store::LOG)?,
+            next_log: None,
             feed: tx.open_table(store::FEED)?,
             snapshots: None,
             pending: None,
@@ -629,18 +669,7 @@ fn prepare_local(
                     }
                     return Err(RequestError::Commit(CommitError::AlreadyExists(write.id)));
                 }
-                None if write.created => (
-                    DocRow {
-                        space: write.space.clone(),
-                        heads: Vec::new(),
-                        seq: 0,
-                        log_count: 0,
-                        log_bytes: 0,
-                        snapshot_bytes: 0,
-                        pending_count: 0,
-                    },
-                    write.doc,
-                ),
+                None if write.created => (DocRow::new(write.space.clone()), write.doc),
                 None => return Err(RequestError::Commit(DocError::NotFound(write.id).into())),
                 Some(row) if row.heads() == write.base => {
                     if let Some(cur) = from_batch {
@@ -785,18 +814,7 @@ fn prepare_remote_doc(
             }
             (cur.row, cur.doc)
         }
-        None => (
-            DocRow {
-                space: write.space,
-                heads: Vec::new(),
-                seq: 0,
-                log_count: 0,
-                log_bytes: 0,
-                snapshot_bytes: 0,
-                pending_count: 0,
-            },
-            Arc::new(Automerge::new()),
-        ),
+        None => (DocRow::new(write.space), Arc::new(Automerge::new())),
     };
     // Candidates: the incoming changes plus those already waiting for
     // dependencies, minus what the document already has.
@@ -928,17 +946,13 @@ fn write_update(
     if compact {
         let snapshot = doc.save();
         tables.snapshots()?.insert(key, snapshot.as_slice())?;
-        tables
-            .log
-            .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)?;
+        tables.clear_log(id, &mut row)?;
         row.snapshot_bytes = snapshot.len() as u64;
         row.log_count = 0;
         row.log_bytes = 0;
     } else {
-        // Log keys count up per document from its last compaction.
-        for (i, change) in log.iter().enumerate() {
-            let log_key = u64::from(row.log_count) + i as u64;
-            tables.log.insert((key, log_key), change.raw_bytes())?;
+        for change in &log {
+            tables.append(&mut row, key, change.raw_bytes())?;
         }
         row.log_count = log_count;
         row.log_bytes = log_bytes;

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::contain;
 use crate::error::{DocError, StorageError};
-use crate::store::DocRow;
+use crate::store::{ChainError, DocRow, log_chain};
 use crate::{DocId, Heads};
 
 /// One document as of one state: a snapshot read, or a transaction's own
@@ -146,7 +146,7 @@ pub(crate) fn load(
     id: DocId,
     row: &DocRow,
     snapshots: &impl ReadableTable<[u8; 16], &'static [u8]>,
-    log: &impl ReadableTable<([u8; 16], u64), &'static [u8]>,
+    log: &impl ReadableTable<u64, &'static [u8]>,
 ) -> Result<Automerge, DocError> {
     let corrupt = |reason: String| DocError::Corrupt { id, reason };
     let key = *id.as_bytes();
@@ -159,23 +159,13 @@ pub(crate) fn load(
     } else {
         Automerge::new()
     };
-    let mut raw = Vec::with_capacity(row.log_count as usize);
-    for entry in log
-        .range((key, 0)..=(key, u64::MAX))
-        .map_err(StorageError::from)?
-    {
-        let (_, value) = entry.map_err(StorageError::from)?;
-        raw.push(value.value().to_vec());
-    }
-    if raw.len() != row.log_count as usize {
-        return Err(corrupt(format!(
-            "{} logged changes, {} recorded",
-            raw.len(),
-            row.log_count
-        )));
-    }
+    let mut raw = log_chain(log, key, row).map_err(|e| match e {
+        ChainError::Storage(e) => DocError::Storage(e),
+        ChainError::Broken(reason) => corrupt(format!("change log: {reason}")),
+    })?;
+    raw.reverse();
     if !raw.is_empty() {
-        let changes = contain::parse_changes(raw.iter().map(Vec::as_slice))
+        let changes = contain::parse_changes(raw.iter().map(|(_, change)| change.as_slice()))
             .map_err(|e| corrupt(format!("change log: {e}")))?;
         contain::apply(&mut doc, changes).map_err(|e| corrupt(format!("change log: {e}")))?;
     }

@@ -12,14 +12,17 @@ use concord_core::{
     ApplyError, DEFAULT_SPACE, DocError, DocId, FORMAT_VERSION, Incoming, IncomingData, OpenError,
     Origin, Replica, ReplicaOptions, StorageError, TxError,
 };
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::{Value, json};
 
 // The store's tables, as documented in `core/src/store.rs`.
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const DOCS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new("docs");
 const SNAPSHOTS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new("snapshots");
-const LOG: TableDefinition<'_, ([u8; 16], u64), &[u8]> = TableDefinition::new("log");
+/// The change log: log number → doc id (16 bytes), the document's previous
+/// log number (8 bytes), the change.
+const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("change_log");
+const LOG_HEADER: usize = 24;
 const FEED: TableDefinition<'_, (u64, [u8; 16]), &[u8]> = TableDefinition::new("feed");
 
 /// A saved automerge document, mutated and with its chunk checksum
@@ -223,7 +226,7 @@ fn damaged_document_bytes_make_only_that_document_corrupt() {
     drop(replica);
 
     // The stored rows, as written.
-    let (snapshot_bytes, log_key, log_bytes) = {
+    let (snapshot_bytes, log_key, log_entry) = {
         let db = redb::Database::open(&base_path).expect("redb open");
         let read = db.begin_read().expect("begin_read");
         let snapshots = read.open_table(SNAPSHOTS).expect("snapshots");
@@ -239,17 +242,19 @@ fn damaged_document_bytes_make_only_that_document_corrupt() {
         );
         let log = read.open_table(LOG).expect("log");
         let rows: Vec<(u64, Vec<u8>)> = log
-            .range((*logged.as_bytes(), 0)..=(*logged.as_bytes(), u64::MAX))
-            .expect("range")
+            .iter()
+            .expect("iter")
             .map(|e| {
                 let (k, v) = e.expect("row");
-                (k.value().1, v.value().to_vec())
+                (k.value(), v.value().to_vec())
             })
+            .filter(|(_, v)| v.starts_with(logged.as_bytes()))
             .collect();
         assert_eq!(rows.len(), 1, "one logged change");
-        let (key, bytes) = rows.into_iter().next().expect("row");
-        (snapshot_bytes, key, bytes)
+        let (key, entry) = rows.into_iter().next().expect("row");
+        (snapshot_bytes, key, entry)
     };
+    let log_bytes = log_entry[LOG_HEADER..].to_vec();
     let base = std::fs::read(&base_path).expect("read base");
 
     let other_doc = doc_with("x", "another document").save();
@@ -306,9 +311,13 @@ fn damaged_document_bytes_make_only_that_document_corrupt() {
                 .expect("snapshots")
                 .insert(*snap.as_bytes(), snapshot_row.as_slice())
                 .expect("insert");
+            // The entry's header (document, previous entry) stays; its change
+            // is replaced.
+            let mut entry = log_entry[..LOG_HEADER].to_vec();
+            entry.extend_from_slice(&log_row);
             tx.open_table(LOG)
                 .expect("log")
-                .insert((*logged.as_bytes(), log_key), log_row.as_slice())
+                .insert(log_key, entry.as_slice())
                 .expect("insert");
         });
 

@@ -623,18 +623,22 @@ fn compaction_keeps_content_and_history() {
 /// The stored layout of one document, read from the closed store's file:
 /// its snapshot's bytes, and the number and bytes of its logged changes.
 fn stored_layout(path: &std::path::Path, id: DocId) -> (usize, usize, usize) {
-    use redb::{ReadableDatabase, TableDefinition};
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
     const SNAPSHOTS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new("snapshots");
-    const LOG: TableDefinition<'_, ([u8; 16], u64), &[u8]> = TableDefinition::new("log");
+    // The change log: log number → doc id (16 bytes), the document's
+    // previous log number (8 bytes), the change.
+    const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("change_log");
     let db = redb::Database::open(path).unwrap();
     let read = db.begin_read().unwrap();
     let snapshots = read.open_table(SNAPSHOTS).unwrap();
     let snapshot = snapshots.get(*id.as_bytes()).unwrap().expect("a snapshot");
     let log = read.open_table(LOG).unwrap();
     let logged: Vec<usize> = log
-        .range((*id.as_bytes(), 0)..=(*id.as_bytes(), u64::MAX))
+        .iter()
         .unwrap()
-        .map(|row| row.unwrap().1.value().len())
+        .map(|row| row.unwrap().1.value().to_vec())
+        .filter(|entry| entry.starts_with(id.as_bytes()))
+        .map(|entry| entry.len() - 24)
         .collect();
     (snapshot.value().len(), logged.len(), logged.iter().sum())
 }
