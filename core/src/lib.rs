@@ -36,9 +36,10 @@
 //! # Model
 //!
 //! - A [`Replica`] is one store: a redb file ([`Replica::open`]) or memory
-//!   ([`Replica::in_memory`]). The file carries a format version; a file that
-//!   is not a Concord store, or of an unknown version, is refused with an
-//!   [`OpenError`].
+//!   ([`Replica::in_memory`]). The file carries a format version
+//!   ([`FORMAT_VERSION`]); a file that is not a Concord store, or of an
+//!   unknown version, is refused with an [`OpenError`]; one of the previous
+//!   version (2) is upgraded in place when opened.
 //! - It holds documents: automerge documents, each with a [`DocId`] (a UUID)
 //!   and a `space` label fixed at creation ([`DEFAULT_SPACE`] unless named).
 //! - A [`Transaction`] ([`Replica::begin`], [`Replica::transact`]) reads one

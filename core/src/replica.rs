@@ -225,7 +225,9 @@ impl Replica {
     /// Errors: [`OpenError::NotAStore`] for a file that is not a Concord store,
     /// [`OpenError::UnsupportedVersion`] for one of an unknown format version,
     /// [`OpenError::Damaged`] for a damaged one, [`OpenError::AlreadyOpen`]
-    /// when another replica has it open. None of them changes the file.
+    /// when another replica has it open. None of them changes the file. A
+    /// store of format version 2 is upgraded to this build's, in one
+    /// transaction, before it opens.
     pub fn open_with(path: impl AsRef<Path>, options: ReplicaOptions) -> Result<Self, OpenError> {
         let db = store::open_file(path.as_ref(), &store_config(&options))?;
         Ok(Self::from_db(db, options))
