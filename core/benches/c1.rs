@@ -12,6 +12,10 @@
 //!
 //! Prints one JSON line. Targets: one thread ≥ 80% of raw redb's rate, 8
 //! threads ≥ 5× one thread. Nothing is asserted: the figures are printed.
+//! Beside the rates, `written_bytes_per_commit` gives, for each part, the
+//! bytes the process handed to the disk per commit (Linux's
+//! `/proc/self/io` `write_bytes`; `null` where it cannot be read): unlike
+//! the rates, it does not move with the machine's speed.
 //!
 //! ```sh
 //! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--dir PATH]
@@ -57,6 +61,24 @@ fn args() -> Args {
     args.threads = args.threads.max(1);
     args.runs = args.runs.max(1);
     args
+}
+
+/// Bytes this process has handed to the block layer so far, if known.
+fn written_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes: "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Runs one part: its commit rate, and the bytes written per commit.
+fn measured(commits: u64, part: impl FnOnce() -> f64) -> (f64, Option<f64>) {
+    let before = written_bytes();
+    let rate = part();
+    let written = before
+        .zip(written_bytes())
+        .map(|(before, after)| after.saturating_sub(before) as f64 / commits as f64);
+    (rate, written)
 }
 
 /// Raw redb: `commits` one-row durable commits with two-phase commit.
@@ -128,12 +150,28 @@ fn main() {
     }
     .expect("temporary directory");
     let (mut raw, mut one, mut many) = (Vec::new(), Vec::new(), Vec::new());
+    let mut written: [Vec<f64>; 3] = Default::default();
+    let many_commits = args.commits / args.threads * args.threads;
     for run in 0..args.runs {
         let file = |name: &str| dir.path().join(format!("{name}-{run}.redb"));
-        raw.push(raw_redb(&file("raw"), args.commits));
-        one.push(concord(&file("one"), args.commits, 1));
-        many.push(concord(&file("many"), args.commits, args.threads));
+        let parts = [
+            measured(args.commits, || raw_redb(&file("raw"), args.commits)),
+            measured(args.commits, || concord(&file("one"), args.commits, 1)),
+            measured(many_commits, || {
+                concord(&file("many"), args.commits, args.threads)
+            }),
+        ];
+        for ((rate, bytes), (rates, sizes)) in parts.into_iter().zip(
+            [&mut raw, &mut one, &mut many]
+                .into_iter()
+                .zip(&mut written),
+        ) {
+            rates.push(rate);
+            sizes.extend(bytes);
+        }
     }
+    let [raw_written, one_written, many_written] =
+        written.map(|sizes| (!sizes.is_empty()).then(|| median(sizes).round()));
     let (raw, one, many) = (median(raw), median(one), median(many));
     let one_vs_raw = one / raw;
     let many_vs_one = many / one;
@@ -147,6 +185,11 @@ fn main() {
         "raw_redb_commits_per_s": raw.round(),
         "concord_1_thread_commits_per_s": one.round(),
         "concord_threads_commits_per_s": many.round(),
+        "written_bytes_per_commit": {
+            "raw_redb": raw_written,
+            "concord_1_thread": one_written,
+            "concord_threads": many_written,
+        },
         "one_thread_vs_raw": (one_vs_raw * 1000.0).round() / 1000.0,
         "threads_vs_one_thread": (many_vs_one * 1000.0).round() / 1000.0,
         "targets": { "one_thread_vs_raw": 0.8, "threads_vs_one_thread": 5.0 },
