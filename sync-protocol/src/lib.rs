@@ -60,6 +60,7 @@ mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+mod receive;
 mod session;
 pub mod sync_message;
 

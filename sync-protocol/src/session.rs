@@ -55,6 +55,7 @@ use crate::handshake::{self, Agreement, SUPPORTED_VERSIONS};
 use crate::message::{
     Announce, Announcement, Credit, DocErrorMessage, ErrorMessage, Message, Subscribe, SyncData,
 };
+use crate::receive::receive_without_changes;
 use crate::sync_message;
 
 /// Bytes a frame spends besides a `Sync` message's automerge payload.
@@ -1816,23 +1817,31 @@ impl Session {
         };
         // Then the message, for the sync state, on a copy: automerge may
         // panic or fail half-way, leaving the document or the state damaged.
+        // A message without changes only reads the document: no copy
+        // (`receive`).
         let mut working = if readable {
-            working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?.into_owned()
+            working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?
         } else if valid_space(&space) && self.config.access.can_write(&space) {
             // Write-only: speak from the peer's own history (what it says
             // it has), so it learns nothing it did not send.
-            own_history(stored.as_ref().map(|d| d.automerge()), &message.heads)
+            Cow::Owned(own_history(
+                stored.as_ref().map(|d| d.automerge()),
+                &message.heads,
+            ))
         } else {
             // Unknown to the peer: as if we held nothing.
-            Automerge::new()
+            Cow::Owned(Automerge::new())
         };
-        drop(stored);
         let peer_needs = !message.need.is_empty();
         let received = catch_unwind(AssertUnwindSafe(|| {
             let mut next = state.clone();
-            working
-                .receive_sync_message(&mut next, message)
-                .map(|()| next)
+            match receive_without_changes(&working, &mut next, message) {
+                Ok(()) => Ok(next),
+                Err(message) => working
+                    .to_mut()
+                    .receive_sync_message(&mut next, message)
+                    .map(|()| next),
+            }
         }));
         let mut next = match received {
             Ok(Ok(next)) => next,
