@@ -25,38 +25,20 @@ use concord_core::automerge::transaction::Transactable;
 use concord_core::automerge::{Automerge, Change, ROOT};
 use concord_core::{DEFAULT_SPACE, Incoming, IncomingData, NodeId, Origin, Replica};
 
+mod support;
+
+use support::{flag_or, list_or};
+
 struct Args {
     histories: Vec<u64>,
     sample: u64,
 }
 
 fn args() -> Args {
-    let mut args = Args {
-        histories: vec![100, 1_000, 5_000],
-        sample: 100,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--history" => {
-                args.histories = it
-                    .next()
-                    .expect("--history needs a value")
-                    .split(',')
-                    .map(|n| n.parse().expect("--history: comma-separated numbers"))
-                    .collect();
-            }
-            "--sample" => {
-                args.sample = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--sample needs a number");
-            }
-            // `cargo bench` passes `--bench`; ignore it and anything else.
-            _ => {}
-        }
+    Args {
+        histories: list_or("--history", vec![100, 1_000, 5_000]),
+        sample: flag_or("--sample", 100),
     }
-    args
 }
 
 fn median_us(mut nanos: Vec<u128>) -> f64 {

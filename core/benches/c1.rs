@@ -21,7 +21,7 @@
 //! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--dir PATH]
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use concord_core::automerge::ROOT;
@@ -31,36 +31,22 @@ use redb::TableDefinition;
 
 const RAW: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raw");
 
+mod support;
+
+use support::{bench_dir, flag_or};
+
 struct Args {
     commits: u64,
     threads: u64,
     runs: usize,
-    dir: Option<PathBuf>,
 }
 
 fn args() -> Args {
-    let mut args = Args {
-        commits: 10_000,
-        threads: 8,
-        runs: 1,
-        dir: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
-        match arg.as_str() {
-            "--commits" => args.commits = value("--commits").parse().expect("--commits N"),
-            "--threads" => args.threads = value("--threads").parse().expect("--threads N"),
-            "--runs" => args.runs = value("--runs").parse().expect("--runs N"),
-            "--dir" => args.dir = Some(PathBuf::from(value("--dir"))),
-            // cargo bench passes --bench; ignore what is not ours.
-            _ => {}
-        }
+    Args {
+        commits: flag_or("--commits", 10_000).max(1),
+        threads: flag_or("--threads", 8).max(1),
+        runs: flag_or("--runs", 1).max(1),
     }
-    args.commits = args.commits.max(1);
-    args.threads = args.threads.max(1);
-    args.runs = args.runs.max(1);
-    args
 }
 
 /// Bytes this process has handed to the block layer so far, if known.
@@ -143,12 +129,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     let args = args();
-    let dir = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir),
-        // Next to the build output: the same disk the project lives on.
-        None => tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")),
-    }
-    .expect("temporary directory");
+    let dir = bench_dir();
     let (mut raw, mut one, mut many) = (Vec::new(), Vec::new(), Vec::new());
     let mut written: [Vec<f64>; 3] = Default::default();
     let many_commits = args.commits / args.threads * args.threads;

@@ -23,7 +23,6 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use concord_core::automerge::ROOT;
@@ -33,36 +32,20 @@ use redb::TableDefinition;
 
 const RAW: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raw");
 
+mod support;
+
+use support::{bench_dir, flag_or, list_or};
+
 struct Args {
     commits: usize,
     idle_ms: Vec<u64>,
-    dir: Option<PathBuf>,
 }
 
 fn args() -> Args {
-    let mut args = Args {
-        commits: 200,
-        idle_ms: vec![0, 10],
-        dir: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
-        match arg.as_str() {
-            "--commits" => args.commits = value("--commits").parse().expect("--commits N"),
-            "--idle-ms" => {
-                args.idle_ms = value("--idle-ms")
-                    .split(',')
-                    .map(|ms| ms.trim().parse().expect("--idle-ms N[,N...]"))
-                    .collect();
-            }
-            "--dir" => args.dir = Some(PathBuf::from(value("--dir"))),
-            // cargo bench passes --bench; ignore what is not ours.
-            _ => {}
-        }
+    Args {
+        commits: flag_or("--commits", 200).max(1),
+        idle_ms: list_or("--idle-ms", vec![0, 10]),
     }
-    args.commits = args.commits.max(1);
-    args
 }
 
 /// Runs `commit` `n` times, each after `idle` of quiet, and returns the
@@ -85,12 +68,7 @@ fn timed(n: usize, idle: Duration, mut commit: impl FnMut(u64)) -> serde_json::V
 
 fn main() {
     let args = args();
-    let dir = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir),
-        // Next to the build output: the same disk the project lives on.
-        None => tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")),
-    }
-    .expect("temporary directory");
+    let dir = bench_dir();
 
     let mut file = File::create(dir.path().join("plain")).expect("create file");
     file.write_all(&[0u8; 8192]).expect("write file");
