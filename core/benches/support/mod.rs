@@ -1,5 +1,7 @@
 //! What the replica benchmarks share: their flags, and the directory they
-//! write their stores in.
+//! write their stores in. A flag that cannot be read, or a directory that
+//! cannot be made, ends the benchmark with a message and exit status 2,
+//! not a panic.
 
 // Each benchmark uses part of this module.
 #![allow(dead_code)]
@@ -44,7 +46,7 @@ pub fn list_or<T: FromStr>(name: &str, default: Vec<T>) -> Vec<T> {
 fn parse<T: FromStr>(name: &str, value: &str) -> T {
     value
         .parse()
-        .unwrap_or_else(|_| panic!("{name}: cannot read {value:?}"))
+        .unwrap_or_else(|_| fail(format!("{name}: cannot read {value:?}")))
 }
 
 /// A temporary directory for a benchmark's files, removed when dropped:
@@ -53,6 +55,16 @@ fn parse<T: FromStr>(name: &str, value: &str) -> T {
 pub fn bench_dir() -> tempfile::TempDir {
     let parent =
         flag("--dir").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    tempfile::tempdir_in(&parent)
-        .unwrap_or_else(|e| panic!("temporary directory in {}: {e}", parent.display()))
+    tempfile::tempdir_in(&parent).unwrap_or_else(|e| {
+        fail(format!(
+            "cannot make a temporary directory in {}: {e}",
+            parent.display()
+        ))
+    })
+}
+
+/// Ends the benchmark: it was given something it cannot run with.
+fn fail(message: String) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
 }
