@@ -9,18 +9,34 @@
 //! copy), and puts the new state back once it is durable. A reader that
 //! wants the document meanwhile would have to load it from the store, which
 //! costs far more than a copy (automerge 0.12, 10,000 changes: a clone
-//! 111 µs, a load 20.9 ms). So a document readers asked for while a writer
-//! had it out is *shared*: writers then leave it in place and work on a copy,
-//! for [`SHARED_TAKES`] takes after the last time a reader used it.
+//! 111 µs, a load 20.9 ms). Two kinds of reader avoid that:
 //!
-//! The state a shared document's writer replaces is kept beside the new one
-//! until the next replaces it in turn: a reader whose snapshot began just
-//! before the commit (a peer session answering the commit it was told of,
-//! while the writer already made the next) still finds the state it sees,
-//! instead of loading the document again. Both count against the budget.
+//! - A reader that wants the newest committed state (a sync session about to
+//!   send it, [`DocCache::latest`]) waits, bounded, for the writer's commit
+//!   to land and reads the new state. While it waits, the next writer of
+//!   that document lets it read first (bounded too), and a writer that
+//!   takes a document a reader still holds waits for the reader to finish
+//!   for about as long as a copy would take, before it copies. Back-to-back
+//!   writers of one document then copy nothing, however often a peer
+//!   session reads it.
+//! - A reader of a given snapshot cannot use the writer's new state. A
+//!   document such a reader asked for while a writer had it out is
+//!   *shared*: writers then leave it in place and work on a copy, for
+//!   [`SHARED_TAKES`] takes after the last time a reader used it. The state
+//!   a shared document's writer replaces is kept beside the new one until
+//!   the next replaces it in turn: a reader whose snapshot began just before
+//!   the commit still finds the state it sees, instead of loading the
+//!   document again. Both count against the budget.
+//!
+//! Which documents a writer has out is a hint for readers, not a lock: a
+//! writer marks its document when it takes it (or misses it), and the mark
+//! goes when its commit lands or fails ([`DocCache::landed`]) or it gives
+//! the document back unsubmitted ([`DocCache::release`]). A mark left
+//! behind costs one bounded wait.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use automerge::{Automerge, ReadDoc};
 use lru::LruCache;
@@ -33,9 +49,22 @@ use crate::{DocId, Heads};
 const SHARED_TAKES: u32 = 64;
 
 /// Documents tracked as out with a writer, or as shared; past this the set
-/// is forgotten (a writer that never puts its document back leaves an id in
-/// it).
+/// is forgotten (a writer whose mark is left behind leaves an id in it).
 const MAX_TRACKED: usize = 4096;
+
+/// How long a writer lets readers waiting for its document's last commit
+/// read it first, at most.
+const READERS_FIRST: Duration = Duration::from_millis(1);
+
+/// Weight a copy of a document gets through per nanosecond, roughly
+/// (automerge 0.12: 111 µs for a document of 10,000 changes, weighed at
+/// about 4 MB, plus the reallocations its first change then makes, since a
+/// copy has no spare capacity). A writer waits for a reader holding its
+/// document at most as long as the copy would take.
+const COPY_WEIGHT_PER_NS: usize = 24;
+
+/// Longest a writer waits for a reader to let go of its document.
+const MAX_HOLD_WAIT: Duration = Duration::from_millis(2);
 
 /// Approximate resident bytes of a loaded document, for the cache budget,
 /// from what it holds rather than from how it is stored (a saved document
@@ -105,13 +134,71 @@ struct Inner {
     writing: HashSet<DocId>,
     /// Shared documents, and the takes left before they are taken out again.
     shared: HashMap<DocId, u32>,
+    /// Readers waiting for a writer's commit of a document, by document.
+    waiting: HashMap<DocId, u32>,
+    /// Advanced every time a write transaction lands (or fails).
+    landings: u64,
     misses: u64,
 }
 
 pub(crate) struct DocCache {
     inner: Mutex<Inner>,
+    /// Signalled when a write transaction lands and when a waiting reader
+    /// stops waiting.
+    signal: Condvar,
     budget: usize,
     disposal: Disposal,
+}
+
+/// What [`DocCache::latest`] found.
+pub(crate) enum Latest<'c> {
+    /// The document at the heads asked for.
+    Hit(Arc<Automerge>),
+    /// A writer has it out: wait for its commit, then look again.
+    Writing(Waiter<'c>),
+    /// Not cached: load it.
+    Miss,
+}
+
+/// A reader waiting for a writer's commit of one document. While it lives,
+/// writers of that document let it read first (bounded).
+pub(crate) struct Waiter<'c> {
+    cache: &'c DocCache,
+    id: DocId,
+    landings: u64,
+}
+
+impl Waiter<'_> {
+    /// Waits until a write transaction lands after the lookup that made
+    /// this waiter, or `deadline` passes.
+    pub(crate) fn wait(&self, deadline: Instant) {
+        let mut inner = self.cache.lock();
+        while inner.landings == self.landings {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return;
+            };
+            inner = self
+                .cache
+                .signal
+                .wait_timeout(inner, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.cache.lock();
+        if let Some(count) = inner.waiting.get_mut(&self.id) {
+            *count -= 1;
+            if *count == 0 {
+                inner.waiting.remove(&self.id);
+            }
+        }
+        drop(inner);
+        self.cache.signal.notify_all();
+    }
 }
 
 impl DocCache {
@@ -122,14 +209,17 @@ impl DocCache {
                 used: 0,
                 writing: HashSet::new(),
                 shared: HashMap::new(),
+                waiting: HashMap::new(),
+                landings: 0,
                 misses: 0,
             }),
+            signal: Condvar::new(),
             budget,
             disposal: Disposal::new(budget),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // The cache holds no invariant a panic could break beyond `used`,
         // which is recomputed on every change; recover from poisoning.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
@@ -159,11 +249,40 @@ impl DocCache {
         hit
     }
 
+    /// The newest committed state of a document, for a reader that wants
+    /// exactly that (not a given snapshot's): the cached document at these
+    /// heads (the newest its snapshot sees), or, when a writer has it out,
+    /// a [`Waiter`] for the writer's commit, after which the reader looks
+    /// again with a new snapshot. Unlike [`Self::get`], a miss while a
+    /// writer has it out does not make the document shared.
+    pub(crate) fn latest(&self, id: DocId, heads: &Heads) -> Latest<'_> {
+        let mut inner = self.lock();
+        if let Some(version) = inner.entries.get(&id).and_then(|entry| entry.at(heads)) {
+            let doc = Arc::clone(&version.doc);
+            if let Some(left) = inner.shared.get_mut(&id) {
+                *left = SHARED_TAKES;
+            }
+            return Latest::Hit(doc);
+        }
+        if !inner.writing.contains(&id) {
+            inner.misses += 1;
+            return Latest::Miss;
+        }
+        *inner.waiting.entry(id).or_insert(0) += 1;
+        Latest::Writing(Waiter {
+            cache: self,
+            id,
+            landings: inner.landings,
+        })
+    }
+
     /// The cached document if it is at these heads, for a writer that will
     /// change it; it puts the new state back (at new heads) only once its
     /// changes are durable. A document readers share stays in place (the
     /// writer's handle is then not the only one, so it copies before it
-    /// changes); any other is removed, and the writer owns it.
+    /// changes); any other is removed, and the writer owns it, once readers
+    /// waiting for it have read it and those holding it let go (both
+    /// bounded, see the module docs).
     pub(crate) fn take(&self, id: DocId, heads: &Heads) -> Option<Arc<Automerge>> {
         let mut inner = self.lock();
         if inner
@@ -182,6 +301,27 @@ impl DocCache {
             }
             return inner.entries.peek(&id).map(|e| Arc::clone(&e.current.doc));
         }
+        let deadline = Instant::now() + READERS_FIRST;
+        while inner.waiting.contains_key(&id) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            inner = self
+                .signal
+                .wait_timeout(inner, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        // Another writer may have taken it meanwhile.
+        if inner
+            .entries
+            .peek(&id)
+            .is_none_or(|e| &e.current.heads != heads)
+        {
+            inner.misses += 1;
+            inner.note_writing(id);
+            return None;
+        }
         let mut entry = inner.entries.pop(&id)?;
         inner.used -= entry.total();
         inner.note_writing(id);
@@ -190,7 +330,44 @@ impl DocCache {
         if let Some(previous) = previous {
             self.disposal.dispose(vec![previous.parts()]);
         }
-        Some(entry.current.doc)
+        let doc = entry.current.doc;
+        if Arc::strong_count(&doc) > 1 {
+            // Readers that looked it up before it was taken still hold it;
+            // no new one can. Their use is brief (a sync session generating
+            // a message): wait for it rather than copy, up to what the copy
+            // would cost.
+            let copy = Duration::from_nanos((entry.current.weight / COPY_WEIGHT_PER_NS) as u64);
+            let deadline = Instant::now() + copy.min(MAX_HOLD_WAIT);
+            while Arc::strong_count(&doc) > 1 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+        }
+        Some(doc)
+    }
+
+    /// Ends the marks of writers of `ids` whose write transaction landed or
+    /// failed, and wakes readers waiting for a commit. Called after the
+    /// commit, not when its new states are cached (before it lands), so a
+    /// reader woken takes a snapshot that sees them.
+    pub(crate) fn landed(&self, ids: impl IntoIterator<Item = DocId>) {
+        let mut inner = self.lock();
+        for id in ids {
+            inner.writing.remove(&id);
+        }
+        inner.landings = inner.landings.wrapping_add(1);
+        drop(inner);
+        self.signal.notify_all();
+    }
+
+    /// Gives back a document a writer took at `heads` and did not change
+    /// (it was never submitted), and ends the writer's mark. A document a
+    /// writer changed and then abandoned is not given back: pass `None`.
+    pub(crate) fn release(&self, id: DocId, unchanged: Option<(Heads, Automerge)>) {
+        if let Some((heads, doc)) = unchanged {
+            let weight = weight(&doc);
+            self.insert(id, heads, Arc::new(doc), weight);
+        }
+        self.landed([id]);
     }
 
     /// Caches a document at its heads, evicting the least recently used
@@ -204,7 +381,6 @@ impl DocCache {
     pub(crate) fn insert(&self, id: DocId, heads: Heads, doc: Arc<Automerge>, weight: usize) {
         let mut displaced = Vec::new();
         let mut inner = self.lock();
-        inner.writing.remove(&id);
         let mut previous = None;
         if let Some(old) = inner.entries.pop(&id) {
             inner.used -= old.total();
@@ -361,6 +537,88 @@ mod tests {
         assert_eq!(cache.usage(), (9_500, 1));
         assert!(cache.get(id, &state(4)).is_some());
         assert!(cache.get(id, &state(3)).is_none());
+    }
+
+    /// A reader of the newest state that finds the writer has the document
+    /// out waits for its commit and reads the writer's state: no load, and
+    /// the document is not made shared (writers keep taking it out).
+    #[test]
+    fn a_reader_of_the_newest_state_waits_for_the_writers_commit() {
+        let cache = DocCache::new(1 << 20);
+        let id = DocId::random();
+        let state = |n: u8| Heads::new(vec![automerge::ChangeHash([n; 32])]);
+        let doc = || Arc::new(Automerge::new());
+        cache.insert(id, state(1), doc(), 1_000);
+        assert!(matches!(cache.latest(id, &state(1)), Latest::Hit(_)));
+        assert!(cache.take(id, &state(1)).is_some());
+        let Latest::Writing(waiter) = cache.latest(id, &state(1)) else {
+            panic!("the writer's mark was not seen");
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                cache.insert(id, state(2), doc(), 1_000);
+                cache.landed([id]);
+            });
+            waiter.wait(Instant::now() + Duration::from_secs(30));
+        });
+        assert!(matches!(cache.latest(id, &state(2)), Latest::Hit(_)));
+        drop(waiter);
+        assert_eq!(cache.misses(), 0);
+        // Not shared: the next writer owns it, and a reader of a snapshot
+        // misses meanwhile.
+        assert!(cache.take(id, &state(2)).is_some());
+        assert!(cache.get(id, &state(2)).is_none());
+    }
+
+    /// Waiting is bounded on both sides: a reader whose writer never lands
+    /// gives up at its deadline, and a writer lets a waiting reader go
+    /// first only briefly.
+    #[test]
+    fn waits_for_a_writer_or_a_reader_are_bounded() {
+        let cache = DocCache::new(1 << 20);
+        let id = DocId::random();
+        let at = Heads::default();
+        cache.insert(id, at.clone(), Arc::new(Automerge::new()), 1_000);
+        assert!(cache.take(id, &at).is_some());
+        let Latest::Writing(waiter) = cache.latest(id, &at) else {
+            panic!("the writer's mark was not seen");
+        };
+        let start = Instant::now();
+        waiter.wait(start + Duration::from_millis(5));
+        assert!(start.elapsed() >= Duration::from_millis(5));
+        // The writer gives it back unchanged while the reader still waits:
+        // the next writer takes it once the reader had its turn.
+        cache.release(id, Some((at.clone(), Automerge::new())));
+        let start = Instant::now();
+        assert!(cache.take(id, &at).is_some());
+        assert!(start.elapsed() >= READERS_FIRST);
+        drop(waiter);
+        // With no reader waiting, it is taken at once.
+        cache.release(id, Some((at.clone(), Automerge::new())));
+        assert!(cache.take(id, &at).is_some());
+    }
+
+    /// A writer's mark ends when its commit lands or it gives the document
+    /// back; one it changed and abandoned is not given back, so the next
+    /// reader loads it.
+    #[test]
+    fn marks_end_when_the_writer_lands_or_gives_up() {
+        let cache = DocCache::new(1 << 20);
+        let id = DocId::random();
+        let at = Heads::default();
+        cache.insert(id, at.clone(), Arc::new(Automerge::new()), 1_000);
+        assert!(cache.take(id, &at).is_some());
+        cache.release(id, Some((at.clone(), Automerge::new())));
+        assert!(matches!(cache.latest(id, &at), Latest::Hit(_)));
+        assert!(cache.take(id, &at).is_some());
+        cache.release(id, None);
+        assert!(matches!(cache.latest(id, &at), Latest::Miss));
+        assert_eq!(cache.misses(), 1);
+        // A writer that missed the cache is marked too, until it lands.
+        assert!(cache.take(id, &at).is_none());
+        assert!(matches!(cache.latest(id, &at), Latest::Writing(_)));
+        cache.landed([id]);
+        assert!(matches!(cache.latest(id, &at), Latest::Miss));
     }
 
     /// The estimates stay above the heap measured for these documents

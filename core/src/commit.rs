@@ -64,6 +64,16 @@ pub(crate) enum Request {
     Remote(Origin, Vec<RemoteWrite>),
 }
 
+impl Request {
+    /// The documents it writes.
+    fn docs(&self) -> Vec<DocId> {
+        match self {
+            Self::Local(writes) => writes.iter().map(|w| w.id).collect(),
+            Self::Remote(_, writes) => writes.iter().map(|w| w.id).collect(),
+        }
+    }
+}
+
 /// A request that changed at least one document.
 #[derive(Debug, Clone)]
 pub(crate) struct Committed {
@@ -463,6 +473,12 @@ fn commit_batch(
     first: Vec<(u64, Request)>,
     gather: &mut Gather<'_>,
 ) -> Result<BatchResult, StorageError> {
+    // Whatever becomes of the batch, its writers are done when it is:
+    // readers waiting for them look again (see `cache`).
+    let mut landing = Landing {
+        shared,
+        ids: Vec::new(),
+    };
     let mut tx = shared.db.begin_write()?;
     tx.set_two_phase_commit(shared.options.two_phase_commit);
     let mut outcomes = Vec::with_capacity(first.len());
@@ -487,6 +503,7 @@ fn commit_batch(
         let mut batch = first;
         while !batch.is_empty() {
             for (ticket, request) in std::mem::take(&mut batch) {
+                landing.ids.extend(request.docs());
                 let (outcome, event) =
                     write_request(shared, &mut tables, &mut finished, &mut seq, request)?;
                 outcomes.push((ticket, outcome));
@@ -512,6 +529,7 @@ fn commit_batch(
             .insert(id, current.row.heads(), current.doc, weight);
     }
     tx.commit()?;
+    drop(landing);
     #[cfg(test)]
     LANDED.with(|hook| {
         if let Some(hook) = &*hook.borrow() {
@@ -519,6 +537,19 @@ fn commit_batch(
         }
     });
     Ok((outcomes, events))
+}
+
+/// The documents of a batch, whose writers' marks in the cache end when
+/// it is dropped: once the batch has landed or failed.
+struct Landing<'s> {
+    shared: &'s Shared,
+    ids: Vec<DocId>,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.shared.cache.landed(self.ids.drain(..));
+    }
 }
 
 /// Prepares and writes one request of a batch; when it changes anything,

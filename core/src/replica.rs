@@ -16,7 +16,7 @@ use crate::feed::{CommitEvent, CommitHook, Origin, Subscribers, Subscription};
 use crate::inflate::{self, MAX_INFLATED_BYTES};
 use crate::snapshot::Snapshot;
 use crate::store::{self, StoreConfig};
-use crate::transaction::{Receipt, Transaction};
+use crate::transaction::{Receipt, Transaction, Writes};
 
 /// The longest space name, in characters.
 pub const MAX_SPACE_LEN: usize = 128;
@@ -294,7 +294,10 @@ impl Replica {
             shared: Arc::clone(&self.shared),
             snapshot,
             lease,
-            writes: Default::default(),
+            writes: Writes {
+                shared: Arc::clone(&self.shared),
+                docs: Default::default(),
+            },
             message: None,
             writer: None,
         })

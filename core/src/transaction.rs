@@ -37,7 +37,7 @@ pub struct Transaction {
     // Declared before the lease: the snapshot was taken after leasing.
     pub(crate) snapshot: Snapshot,
     pub(crate) lease: ActorLease,
-    pub(crate) writes: BTreeMap<DocId, LocalWrite>,
+    pub(crate) writes: Writes,
     pub(crate) message: Option<String>,
     /// Set once the transaction writes (see [`Writer`]).
     pub(crate) writer: Option<Writer>,
@@ -46,8 +46,29 @@ pub struct Transaction {
 impl std::fmt::Debug for Transaction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transaction")
-            .field("writes", &self.writes.keys().collect::<Vec<_>>())
+            .field("writes", &self.writes.docs.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
+    }
+}
+
+/// A transaction's working copies of documents. Dropped unsubmitted (the
+/// transaction was dropped, or they changed nothing), each ends its writer's
+/// mark in the cache, and one that is unchanged goes back into it instead
+/// of being loaded again by the next reader.
+pub(crate) struct Writes {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) docs: BTreeMap<DocId, LocalWrite>,
+}
+
+impl Drop for Writes {
+    fn drop(&mut self) {
+        for (id, write) in std::mem::take(&mut self.docs) {
+            if write.created {
+                continue;
+            }
+            let unchanged = write.changes.is_empty().then_some((write.base, write.doc));
+            self.shared.cache.release(id, unchanged);
+        }
     }
 }
 
@@ -86,7 +107,7 @@ impl Transaction {
     /// A document as this transaction sees it: its own writes over the
     /// snapshot.
     pub fn get(&self, id: DocId) -> Result<Document, DocError> {
-        match self.writes.get(&id) {
+        match self.writes.docs.get(&id) {
             Some(w) => Ok(Document {
                 id,
                 space: w.space.clone(),
@@ -119,7 +140,8 @@ impl Transaction {
         if !valid_space(space) {
             return Err(TxError::InvalidSpace(space.chars().take(200).collect()));
         }
-        if self.writes.contains_key(&id) || self.snapshot.row(id).map_err(DocError::from)?.is_some()
+        if self.writes.docs.contains_key(&id)
+            || self.snapshot.row(id).map_err(DocError::from)?.is_some()
         {
             return Err(TxError::AlreadyExists(id));
         }
@@ -129,7 +151,7 @@ impl Transaction {
         if self.writer.is_none() {
             self.writer = Some(Writer::new(&self.shared));
         }
-        self.writes.insert(
+        self.writes.docs.insert(
             id,
             LocalWrite {
                 id,
@@ -151,9 +173,9 @@ impl Transaction {
         id: DocId,
         f: impl FnOnce(&mut AmTransaction<'_>) -> Result<R, AutomergeError>,
     ) -> Result<R, TxError> {
-        if !self.writes.contains_key(&id) {
+        if !self.writes.docs.contains_key(&id) {
             let write = self.start_write(id)?;
-            self.writes.insert(id, write);
+            self.writes.docs.insert(id, write);
         }
         if self.writer.is_none() {
             self.writer = Some(Writer::new(&self.shared));
@@ -161,6 +183,7 @@ impl Transaction {
         let stamp = self.stamp();
         let write = self
             .writes
+            .docs
             .get_mut(&id)
             .ok_or(TxError::Doc(DocError::NotFound(id)))?;
         let (result, change) = make_change(&mut write.doc, id, &stamp, false, f)?;
@@ -187,7 +210,13 @@ impl Transaction {
         let heads = row.heads();
         let shared_doc = match self.shared.cache.take(id, &heads) {
             Some(doc) => doc,
-            None => self.snapshot.load(id, &row)?,
+            None => match self.snapshot.load(id, &row) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    self.shared.cache.release(id, None);
+                    return Err(e.into());
+                }
+            },
         };
         let mut doc = Arc::try_unwrap(shared_doc).unwrap_or_else(|shared| (*shared).clone());
         doc.set_actor(self.lease.actor().clone());
@@ -208,17 +237,20 @@ impl Transaction {
             shared,
             snapshot,
             lease,
-            writes,
+            mut writes,
             writer,
             ..
         } = self;
         // The snapshot's read transaction is not needed any more; let redb
         // reclaim its pages.
         drop(snapshot);
-        let writes: Vec<LocalWrite> = writes
-            .into_values()
-            .filter(|w| !w.changes.is_empty())
-            .collect();
+        let (changed, unchanged) = std::mem::take(&mut writes.docs)
+            .into_iter()
+            .partition(|(_, w)| !w.changes.is_empty());
+        writes.docs = unchanged;
+        // Those that changed nothing go back to the cache now.
+        drop(writes);
+        let writes: Vec<LocalWrite> = changed.into_values().collect();
         if writes.is_empty() {
             return Ok(Receipt {
                 seq: None,

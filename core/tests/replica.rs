@@ -796,3 +796,90 @@ fn readers_and_a_writer_share_the_cached_document() {
     let doc = replica.read().expect("read").get(id).expect("get");
     assert_eq!(doc.to_json()["n"], 119);
 }
+
+/// A sync session reads the newest committed state of a document
+/// ([`SyncStore::document`]) right after a commit, often while the app's
+/// next writer has it out. It gets a committed state, never the writer's
+/// unfinished one, and gets it from the cache.
+#[test]
+fn a_session_read_while_a_writer_has_the_document_out_sees_only_commits() {
+    use concord_core::SyncStore;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let replica = Replica::in_memory().expect("replica");
+    let id = create(&replica, "n", 0);
+    let done = AtomicBool::new(false);
+    let before = replica.cache_misses();
+    let reads = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut reads = 0u32;
+            let mut last = 0;
+            while !done.load(Ordering::Acquire) {
+                let doc = replica.document(id).expect("read").expect("exists");
+                assert_eq!(doc.heads(), &Heads::new(doc.automerge().get_heads()));
+                let n = doc.to_json()["n"].as_i64().expect("n");
+                assert!(n >= last, "went back from {last} to {n}");
+                // Committed: any snapshot from now on sees it.
+                let now = replica.read().expect("read").get(id).expect("get");
+                assert!(now.to_json()["n"].as_i64().expect("n") >= n);
+                last = n;
+                reads += 1;
+            }
+            reads
+        });
+        for i in 1..=300 {
+            let mut tx = replica.begin().expect("begin");
+            // The writer's unfinished state: never committed, never read.
+            tx.change(id, put_int("n", -1)).expect("change");
+            tx.change(id, put_int("n", i)).expect("change");
+            tx.commit().expect("commit");
+        }
+        done.store(true, Ordering::Release);
+        reader.join().expect("reader")
+    });
+    assert!(reads > 0);
+    let misses = replica.cache_misses() - before;
+    assert!(
+        misses * 4 <= u64::from(reads),
+        "{misses} of {reads} session reads loaded the document"
+    );
+    assert_eq!(
+        replica
+            .document(id)
+            .expect("read")
+            .expect("exists")
+            .to_json()["n"],
+        300
+    );
+}
+
+/// A writer that gives up (its transaction dropped, or its changes failed)
+/// does not hold up a session's read, which gets the last committed state;
+/// a document it did not change goes back to the cache.
+#[test]
+fn a_session_read_outlives_a_writer_that_gives_up() {
+    use concord_core::SyncStore;
+
+    let replica = Replica::in_memory().expect("replica");
+    let id = create(&replica, "n", 1);
+    std::thread::scope(|s| {
+        let mut tx = replica.begin().expect("begin");
+        tx.change(id, put_int("n", 2)).expect("change");
+        let reader = s.spawn(|| replica.document(id).expect("read").expect("exists"));
+        std::thread::sleep(Duration::from_millis(2));
+        drop(tx);
+        assert_eq!(reader.join().expect("reader").to_json()["n"], 1);
+    });
+    // A change that fails leaves the document unchanged and cached.
+    let mut tx = replica.begin().expect("begin");
+    // (The root is a map: inserting at an index into it fails.)
+    let failed = tx.change(id, |d| {
+        d.put(ROOT, "n", 3).and_then(|()| d.insert(ROOT, 0, 4))
+    });
+    assert!(failed.is_err());
+    drop(tx);
+    let before = replica.cache_misses();
+    let doc = replica.document(id).expect("read").expect("exists");
+    assert_eq!(doc.to_json()["n"], 1);
+    assert_eq!(replica.cache_misses(), before);
+}
