@@ -18,7 +18,9 @@
 //!   takes a document a reader still holds waits for the reader to finish
 //!   for about as long as a copy would take, before it copies. Back-to-back
 //!   writers of one document then copy nothing, however often a peer
-//!   session reads it.
+//!   session reads it. One whose snapshot began just before a commit, and
+//!   so finds the cache a state ahead, looks again with a new snapshot;
+//!   such a reader never makes a document shared.
 //! - A reader of a given snapshot cannot use the writer's new state. A
 //!   document such a reader asked for while a writer had it out is
 //!   *shared*: writers then leave it in place and work on a copy, for
@@ -156,6 +158,9 @@ pub(crate) enum Latest<'c> {
     Hit(Arc<Automerge>),
     /// A writer has it out: wait for its commit, then look again.
     Writing(Waiter<'c>),
+    /// Cached at other heads and no writer has it out: most likely newer
+    /// than the snapshot the heads came from; look again.
+    Stale,
     /// Not cached: load it.
     Miss,
 }
@@ -257,12 +262,20 @@ impl DocCache {
     /// writer has it out does not make the document shared.
     pub(crate) fn latest(&self, id: DocId, heads: &Heads) -> Latest<'_> {
         let mut inner = self.lock();
-        if let Some(version) = inner.entries.get(&id).and_then(|entry| entry.at(heads)) {
-            let doc = Arc::clone(&version.doc);
-            if let Some(left) = inner.shared.get_mut(&id) {
-                *left = SHARED_TAKES;
-            }
-            return Latest::Hit(doc);
+        let cached = inner.entries.get(&id).map(|entry| {
+            entry
+                .at(heads)
+                .map(|version| Arc::clone(&version.doc))
+                .ok_or(())
+        });
+        match cached {
+            // Not refreshing a shared document's takes: this reader does not
+            // need writers to leave it in place.
+            Some(Ok(doc)) => return Latest::Hit(doc),
+            // Cached at other heads, which a commit cached before it landed:
+            // the reader's snapshot began just before the commit.
+            Some(Err(())) if !inner.writing.contains(&id) => return Latest::Stale,
+            _ => {}
         }
         if !inner.writing.contains(&id) {
             inner.misses += 1;
@@ -429,6 +442,13 @@ impl DocCache {
     pub(crate) fn usage(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.used, inner.entries.len())
+    }
+
+    /// Counts a lookup that did not find the document at the state wanted,
+    /// for a reader about to load it after [`Self::latest`] said to look
+    /// again.
+    pub(crate) fn count_miss(&self) {
+        self.lock().misses += 1;
     }
 
     /// Lookups that did not find the document at the state wanted (each
@@ -619,6 +639,20 @@ mod tests {
         assert!(matches!(cache.latest(id, &at), Latest::Writing(_)));
         cache.landed([id]);
         assert!(matches!(cache.latest(id, &at), Latest::Miss));
+    }
+
+    /// A reader of the newest state whose heads are behind the cached state
+    /// (its snapshot began just before a commit landed) is told to look
+    /// again, not to load.
+    #[test]
+    fn a_reader_behind_the_cached_state_looks_again() {
+        let cache = DocCache::new(1 << 20);
+        let id = DocId::random();
+        let state = |n: u8| Heads::new(vec![automerge::ChangeHash([n; 32])]);
+        cache.insert(id, state(2), Arc::new(Automerge::new()), 1_000);
+        assert!(matches!(cache.latest(id, &state(1)), Latest::Stale));
+        assert!(matches!(cache.latest(id, &state(2)), Latest::Hit(_)));
+        assert_eq!(cache.misses(), 0);
     }
 
     /// The estimates stay above the heap measured for these documents

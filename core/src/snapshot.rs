@@ -67,6 +67,17 @@ impl Snapshot {
         if let Some(doc) = self.shared.cache.get(id, &heads) {
             return Ok(doc);
         }
+        self.rebuild(id, row)
+    }
+
+    /// The document for a row of this snapshot, rebuilt from the store (not
+    /// looked up in the cache) and cached.
+    pub(crate) fn rebuild(
+        &self,
+        id: DocId,
+        row: &DocRow,
+    ) -> Result<Arc<automerge::Automerge>, DocError> {
+        let heads = row.heads();
         let snapshots = self
             .read
             .open_table(store::SNAPSHOTS)

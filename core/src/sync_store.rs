@@ -65,6 +65,11 @@ pub trait SyncStore {
 /// changes: 20.9 ms); a commit lands in well under a millisecond.
 const NEWEST_WAIT: Duration = Duration::from_millis(20);
 
+/// How many times a session's read looks again with a new snapshot when the
+/// cache holds the document at other heads than its snapshot's, before it
+/// loads the document from the store.
+const MAX_STALE: u32 = 2;
+
 /// The document as last committed. A session reads it right after a commit
 /// is announced, often while the next writer of the document has it out of
 /// the cache: rather than load it from the store (or make every writer
@@ -73,7 +78,8 @@ const NEWEST_WAIT: Duration = Duration::from_millis(20);
 fn newest(replica: &Replica, id: DocId) -> Result<Option<Document>, DocError> {
     let deadline = Instant::now() + NEWEST_WAIT;
     // Kept until the read is done: writers let a waiting reader go first.
-    let mut _waiter = None;
+    let mut waiting = None;
+    let mut stale = 0;
     loop {
         let snapshot = replica.read()?;
         let Some(row) = snapshot.row(id)? else {
@@ -93,10 +99,17 @@ fn newest(replica: &Replica, id: DocId) -> Result<Option<Document>, DocError> {
                 // Not held while waiting: redb keeps what a reader sees.
                 drop(snapshot);
                 waiter.wait(deadline);
-                _waiter = Some(waiter);
+                waiting = Some(waiter);
             }
-            Latest::Writing(_) | Latest::Miss => {
-                let doc = snapshot.load(id, &row)?;
+            Latest::Stale if stale < MAX_STALE => stale += 1,
+            latest => {
+                if !matches!(latest, Latest::Miss) {
+                    replica.shared.cache.count_miss();
+                }
+                // A load is slow: writers need not wait for it.
+                drop(latest);
+                drop(waiting);
+                let doc = snapshot.rebuild(id, &row)?;
                 return Ok(Some(Document {
                     id,
                     heads,

@@ -210,7 +210,10 @@ impl Transaction {
         let heads = row.heads();
         let shared_doc = match self.shared.cache.take(id, &heads) {
             Some(doc) => doc,
-            None => match self.snapshot.load(id, &row) {
+            // Not `load`: the cache was just asked, and a second lookup
+            // would count a second miss and, seeing this writer's mark, make
+            // the document shared.
+            None => match self.snapshot.rebuild(id, &row) {
                 Ok(doc) => doc,
                 Err(e) => {
                     self.shared.cache.release(id, None);

@@ -883,3 +883,27 @@ fn a_session_read_outlives_a_writer_that_gives_up() {
     assert_eq!(doc.to_json()["n"], 1);
     assert_eq!(replica.cache_misses(), before);
 }
+
+/// A writer that finds its document not cached loads it once (one miss),
+/// and owns it: the next writer takes it out of the cache again, rather
+/// than leaving it to readers and copying it.
+#[test]
+fn a_writer_that_loads_its_document_owns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let id = {
+        let replica = Replica::open(&path).expect("open");
+        create(&replica, "n", 0)
+    };
+    let replica = Replica::open(&path).expect("reopen");
+    change(&replica, id, "n", 1);
+    assert_eq!(replica.cache_misses(), 1);
+    assert_eq!(replica.read().unwrap().get(id).unwrap().to_json()["n"], 1);
+    assert_eq!(replica.cache_misses(), 1);
+    // Taken out by the next writer: a reader of a snapshot meanwhile loads.
+    let mut tx = replica.begin().unwrap();
+    tx.change(id, put_int("n", 2)).unwrap();
+    assert_eq!(replica.read().unwrap().get(id).unwrap().to_json()["n"], 1);
+    assert_eq!(replica.cache_misses(), 2);
+    tx.commit().unwrap();
+}
