@@ -26,7 +26,7 @@
 //! let now = replica.read()?;
 //! assert_eq!(now.get(alice)?.to_json()["balance"], 5);
 //! // Point-in-time read: Alice as of the first commit.
-//! let before = first.heads(alice).unwrap();
+//! let before = first.heads(alice).ok_or("the first commit wrote Alice")?;
 //! assert_eq!(now.get(alice)?.to_json_at(before)?["balance"], 10);
 //! // Both documents changed after sequence number 1.
 //! assert_eq!(now.changes_since(1, 100)?.len(), 2);

@@ -196,9 +196,9 @@ impl Eq for IncomingData {}
 /// tx.commit()?;
 ///
 /// let doc = replica.read()?.get(id)?;
-/// let (title, _) = doc.automerge().get(ROOT, "title").unwrap().unwrap();
+/// let (title, _) = doc.automerge().get(ROOT, "title")?.ok_or("no title")?;
 /// assert_eq!(title.to_str(), Some("hello"));
-/// # Ok::<(), concord_core::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct Replica {
