@@ -199,6 +199,11 @@ struct PeerEntry {
     /// Whether the session on it completed its handshake (the peer
     /// accepted us too: a refused client's `connect` succeeds all the same).
     established: bool,
+    /// Every connection registered with the peer and not yet unregistered:
+    /// the live one, one that lost to a duplicate, one closing. Their bytes
+    /// count until [`Inner::unregister`] moves them into the totals below,
+    /// so the totals never go backwards while a connection closes.
+    open: Vec<quinn::Connection>,
     /// Bytes of connections that have ended.
     bytes_sent: u64,
     bytes_received: u64,
@@ -302,12 +307,14 @@ impl Inner {
     }
 
     /// Registers a new connection with `peer`; false if another connection
-    /// with it wins (the new one is then closed).
+    /// with it wins (the new one is then closed). Either way its bytes count
+    /// for the peer until [`Inner::unregister`].
     fn register(&self, peer: NodeId, connection: &quinn::Connection, dialled_by_us: bool) -> bool {
         let us = self.identity.node_id();
         let by_smaller = if dialled_by_us { us < peer } else { peer < us };
         let mut peers = self.peers();
         let entry = peers.entry(peer).or_default();
+        entry.open.push(connection.clone());
         let now = Instant::now();
         while entry
             .recent_connects
@@ -339,13 +346,17 @@ impl Inner {
         true
     }
 
-    /// The connection ended: keep its byte counts.
+    /// The connection ended: keep its byte counts (once).
     fn unregister(&self, peer: NodeId, connection: &quinn::Connection) {
-        let stats = connection.stats();
         let mut peers = self.peers();
         let entry = peers.entry(peer).or_default();
-        entry.bytes_sent += stats.udp_tx.bytes;
-        entry.bytes_received += stats.udp_rx.bytes;
+        let id = connection.stable_id();
+        if let Some(at) = entry.open.iter().position(|c| c.stable_id() == id) {
+            entry.open.swap_remove(at);
+            let stats = connection.stats();
+            entry.bytes_sent += stats.udp_tx.bytes;
+            entry.bytes_received += stats.udp_rx.bytes;
+        }
         if entry
             .connection
             .as_ref()
@@ -403,22 +414,18 @@ impl Inner {
                     .as_ref()
                     .filter(|(c, _)| c.close_reason().is_none());
                 let established = live.is_some() && entry.established;
-                let (live_sent, live_received, path_mtu) = live
-                    .map(|(c, _)| {
+                let path_mtu = live.map(|(c, _)| c.stats().path.current_mtu);
+                let (open_sent, open_received) =
+                    entry.open.iter().fold((0, 0), |(sent, received), c| {
                         let stats = c.stats();
-                        (
-                            stats.udp_tx.bytes,
-                            stats.udp_rx.bytes,
-                            Some(stats.path.current_mtu),
-                        )
-                    })
-                    .unwrap_or((0, 0, None));
+                        (sent + stats.udp_tx.bytes, received + stats.udp_rx.bytes)
+                    });
                 PeerStatus {
                     node_id: *id,
                     addr: entry.addr.map(|a| a.to_string()),
                     connected: established,
-                    bytes_sent: entry.bytes_sent + live_sent,
-                    bytes_received: entry.bytes_received + live_received,
+                    bytes_sent: entry.bytes_sent + open_sent,
+                    bytes_received: entry.bytes_received + open_received,
                     last_sync: entry.last_sync,
                     messages_sent: entry.messages.sent.load(Ordering::Relaxed),
                     messages_received: entry.messages.received.load(Ordering::Relaxed),
@@ -438,6 +445,13 @@ impl Inner {
 
     /// Runs a session on an established connection until it ends.
     async fn serve(self: Arc<Self>, peer: NodeId, connection: quinn::Connection, dialled: bool) {
+        // Unregistered however this ends: a lost duplicate, the session's
+        // end, or the task cancelled.
+        let _registration = Registration {
+            inner: Arc::clone(&self),
+            peer,
+            connection: connection.clone(),
+        };
         if !self.register(peer, &connection, dialled) {
             return;
         }
@@ -461,7 +475,19 @@ impl Inner {
             Some(reason) => connection.close(CLOSE_LIMIT.into(), reason.as_bytes()),
             None => connection.close(0u32.into(), b"session over"),
         }
-        self.unregister(peer, &connection);
+    }
+}
+
+/// A connection [`Inner::serve`] registered; unregisters it when dropped.
+struct Registration {
+    inner: Arc<Inner>,
+    peer: NodeId,
+    connection: quinn::Connection,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.inner.unregister(self.peer, &self.connection);
     }
 }
 

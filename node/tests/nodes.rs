@@ -1,6 +1,7 @@
 //! Nodes in one process, over QUIC on 127.0.0.1: they sync, reconnect after
-//! going offline and converge, keep one connection when both dial, sync
-//! when only one offers compression, and refuse an untrusted node.
+//! going offline and converge, keep one connection when both dial, count
+//! each peer's bytes over the node's life, sync when only one offers
+//! compression, and refuse an untrusted node.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -143,6 +144,46 @@ async fn two_nodes_sync_and_converge_after_offline_edits() {
     assert!(ab.messages_received > 0 && ba.messages_received > 0);
     assert!(ab.messages_received <= ba.messages_sent);
     assert!(ba.messages_received <= again.peers[0].messages_sent);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A peer's byte counts, as status reports them.
+fn bytes(node: &Node) -> (u64, u64) {
+    let status = node.status();
+    let peer = &status.peers[0];
+    (peer.bytes_sent, peer.bytes_received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_byte_counts_never_go_back_as_its_connection_closes() {
+    let (a, b) = (spec(), spec());
+    let (a_peer, b_peer) = (a.peer(false), b.peer(true));
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    let (a, _a_dir) = a.start(vec![b_peer]).await;
+    let doc = write(a.replica(), None, "n", 1);
+    eventually("b has a's document", || value(b.replica(), doc)["n"] == 1).await;
+    let before = bytes(&a);
+    assert!(before.0 > 0 && before.1 > 0);
+    // Going offline closes the connection at once; its session ends (and
+    // its counts move into the totals) a moment later. Status read in
+    // between must still count it.
+    a.set_online(false);
+    let closing = bytes(&a);
+    assert!(
+        closing.0 >= before.0 && closing.1 >= before.1,
+        "{closing:?} after {before:?}"
+    );
+    eventually("a sees b gone", || !a.is_connected(&b.node_id())).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let closed = bytes(&a);
+    assert!(closed.0 >= closing.0 && closed.1 >= closing.1);
+    // A new connection adds to them.
+    a.set_online(true);
+    write(a.replica(), Some(doc), "n", 2);
+    eventually("b has the new value", || value(b.replica(), doc)["n"] == 2).await;
+    let again = bytes(&a);
+    assert!(again.0 > closed.0 && again.1 > closed.1);
     a.shutdown().await;
     b.shutdown().await;
 }
