@@ -15,7 +15,10 @@
 //! Beside the rates, `written_bytes_per_commit` gives, for each part, the
 //! bytes the process handed to the disk per commit (Linux's
 //! `/proc/self/io` `write_bytes`; `null` where it cannot be read): unlike
-//! the rates, it does not move with the machine's speed.
+//! the rates, it does not move with the machine's speed. `cpu_us_per_commit`
+//! gives the process's user + system CPU time per commit (`/proc/self/stat`,
+//! 10 ms ticks) and `cores_busy` that time over the part's wall time: a part
+//! near 1.0 of a 2-core machine's 2.0 waits on the disk, not on the CPU.
 //!
 //! ```sh
 //! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--dir PATH]
@@ -57,14 +60,44 @@ fn written_bytes() -> Option<u64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
-/// Runs one part: its commit rate, and the bytes written per commit.
-fn measured(commits: u64, part: impl FnOnce() -> f64) -> (f64, Option<f64>) {
-    let before = written_bytes();
+/// This process's user + system CPU time so far, seconds, if known.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// What one part measured.
+struct Part {
+    rate: f64,
+    written_per_commit: Option<f64>,
+    cpu_per_commit: Option<f64>,
+    cores_busy: Option<f64>,
+}
+
+/// Runs one part (which returns its commit rate) of `commits` commits.
+fn measured(commits: u64, part: impl FnOnce() -> f64) -> Part {
+    let (written, cpu) = (written_bytes(), cpu_seconds());
+    let started = Instant::now();
     let rate = part();
-    let written = before
-        .zip(written_bytes())
-        .map(|(before, after)| after.saturating_sub(before) as f64 / commits as f64);
-    (rate, written)
+    let wall = started.elapsed().as_secs_f64();
+    let per_commit = |before: Option<f64>, after: Option<f64>| {
+        before
+            .zip(after)
+            .map(|(before, after)| (after - before).max(0.0) / commits as f64)
+    };
+    let cpu_per_commit = per_commit(cpu, cpu_seconds());
+    Part {
+        rate,
+        written_per_commit: per_commit(
+            written.map(|b| b as f64),
+            written_bytes().map(|b| b as f64),
+        ),
+        cpu_per_commit,
+        cores_busy: cpu_per_commit.map(|c| c * commits as f64 / wall),
+    }
 }
 
 /// Raw redb: `commits` one-row durable commits with two-phase commit.
@@ -130,30 +163,41 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn main() {
     let args = args();
     let dir = bench_dir();
-    let (mut raw, mut one, mut many) = (Vec::new(), Vec::new(), Vec::new());
-    let mut written: [Vec<f64>; 3] = Default::default();
+    let mut parts: [Vec<Part>; 3] = Default::default();
     let many_commits = args.commits / args.threads * args.threads;
     for run in 0..args.runs {
         let file = |name: &str| dir.path().join(format!("{name}-{run}.redb"));
-        let parts = [
-            measured(args.commits, || raw_redb(&file("raw"), args.commits)),
-            measured(args.commits, || concord(&file("one"), args.commits, 1)),
-            measured(many_commits, || {
-                concord(&file("many"), args.commits, args.threads)
-            }),
-        ];
-        for ((rate, bytes), (rates, sizes)) in parts.into_iter().zip(
-            [&mut raw, &mut one, &mut many]
-                .into_iter()
-                .zip(&mut written),
-        ) {
-            rates.push(rate);
-            sizes.extend(bytes);
-        }
+        let [raw, one, many] = &mut parts;
+        raw.push(measured(args.commits, || {
+            raw_redb(&file("raw"), args.commits)
+        }));
+        one.push(measured(args.commits, || {
+            concord(&file("one"), args.commits, 1)
+        }));
+        many.push(measured(many_commits, || {
+            concord(&file("many"), args.commits, args.threads)
+        }));
     }
-    let [raw_written, one_written, many_written] =
-        written.map(|sizes| (!sizes.is_empty()).then(|| median(sizes).round()));
-    let (raw, one, many) = (median(raw), median(one), median(many));
+    // The median of one figure over a part's runs, where every run has it.
+    let figure = |part: &[Part], of: fn(&Part) -> Option<f64>| {
+        let values: Option<Vec<f64>> = part.iter().map(of).collect();
+        values.map(median)
+    };
+    let per_part = |of: fn(&Part) -> Option<f64>, scale: f64, digits: i32| {
+        let round = |v: f64| {
+            let unit = 10f64.powi(digits);
+            (v * scale * unit).round() / unit
+        };
+        serde_json::json!({
+            "raw_redb": figure(&parts[0], of).map(round),
+            "concord_1_thread": figure(&parts[1], of).map(round),
+            "concord_threads": figure(&parts[2], of).map(round),
+        })
+    };
+    let written = per_part(|p| p.written_per_commit, 1.0, 0);
+    let cpu = per_part(|p| p.cpu_per_commit, 1e6, 0);
+    let cores = per_part(|p| p.cores_busy, 1.0, 2);
+    let [raw, one, many] = parts.map(|part| median(part.iter().map(|p| p.rate).collect()));
     let one_vs_raw = one / raw;
     let many_vs_one = many / one;
     let report = serde_json::json!({
@@ -166,11 +210,9 @@ fn main() {
         "raw_redb_commits_per_s": raw.round(),
         "concord_1_thread_commits_per_s": one.round(),
         "concord_threads_commits_per_s": many.round(),
-        "written_bytes_per_commit": {
-            "raw_redb": raw_written,
-            "concord_1_thread": one_written,
-            "concord_threads": many_written,
-        },
+        "written_bytes_per_commit": written,
+        "cpu_us_per_commit": cpu,
+        "cores_busy": cores,
         "one_thread_vs_raw": (one_vs_raw * 1000.0).round() / 1000.0,
         "threads_vs_one_thread": (many_vs_one * 1000.0).round() / 1000.0,
         "targets": { "one_thread_vs_raw": 0.8, "threads_vs_one_thread": 5.0 },
