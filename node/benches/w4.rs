@@ -202,11 +202,15 @@ fn main() {
                 .expect("commit");
             committed.push(at);
         }
-        // Tell B to finish, and collect what it saw.
+        // Tell B to finish, one interval after the last change: sooner, B
+        // could see the last change and the end in one update, and the last
+        // change would go unmeasured.
+        tokio::time::sleep_until((start + interval * (changes as u32 + 1)).into()).await;
         let replica = a.replica().clone();
         tokio::task::spawn_blocking(move || put_seq(&replica, doc, -1))
             .await
             .expect("final commit");
+        // Collect what B saw.
         let mut first_seen = vec![None::<u128>; changes as usize + 1];
         let mut observed = 0u64;
         let mut b_rss = 0u64;
