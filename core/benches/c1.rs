@@ -36,6 +36,7 @@ const RAW: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raw");
 
 mod support;
 
+use support::process::{cpu_seconds, written_bytes};
 use support::{bench_dir, flag_or};
 
 struct Args {
@@ -50,23 +51,6 @@ fn args() -> Args {
         threads: flag_or("--threads", 8).max(1),
         runs: flag_or("--runs", 1).max(1),
     }
-}
-
-/// Bytes this process has handed to the block layer so far, if known.
-fn written_bytes() -> Option<u64> {
-    let io = std::fs::read_to_string("/proc/self/io").ok()?;
-    io.lines()
-        .find_map(|line| line.strip_prefix("write_bytes: "))
-        .and_then(|n| n.trim().parse().ok())
-}
-
-/// This process's user + system CPU time so far, seconds, if known.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 /// What one part measured.

@@ -6,6 +6,8 @@
 // Each benchmark uses part of this module.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::PathBuf;
 use std::str::FromStr;
 

@@ -1,10 +1,15 @@
 //! What the two-process benchmarks share: the clock both processes read,
-//! their own peak RSS and CPU time, and flag parsing.
+//! their own peak RSS and CPU time (read as the replica benchmarks read
+//! them), and flag parsing.
 
 use std::io::{BufRead, BufReader};
 use std::process::ChildStdout;
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+#[path = "../../../core/benches/support/process.rs"]
+mod process;
+pub use process::{cpu_seconds, peak_rss_kib};
 
 /// Nanoseconds since the Unix epoch: the one clock both processes of a
 /// benchmark read on this machine.
@@ -13,26 +18,6 @@ pub fn nanos() -> u128 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
-}
-
-/// This process's peak resident set (VmHWM), KiB.
-pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// This process's user + system CPU time, seconds.
-pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 /// The value after flag `name` on the command line.
