@@ -23,8 +23,9 @@
 //! after A's last write), bytes both ways (UDP payload of the QUIC
 //! connection), peak RSS and CPU seconds of each process; the reconnecting
 //! workloads report from A going online, with the setup's figures under
-//! `setup`. `--runs N` prints medians. `RUST_LOG` logs both processes to
-//! stderr.
+//! `setup`. `--runs N` prints medians; each run has a fresh A process as
+//! well as a fresh B, so each process's peak RSS and CPU are one run's.
+//! `RUST_LOG` logs both processes to stderr.
 //!
 //! ```sh
 //! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|W3|W3cold|W5|all] [--changes N] [--docs N] [--runs N]
@@ -372,7 +373,7 @@ impl ProcessB {
 }
 
 /// W3, W3cold and W5: from A going online again.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Reconnect {
     a_has_b_ms: f64,
     b_has_a_ms: f64,
@@ -382,7 +383,8 @@ struct Reconnect {
     messages_b_to_a: f64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// What one run measured; a run's process prints it as one JSON line.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Figures {
     reconnect: Option<Reconnect>,
     local_ms: f64,
@@ -470,9 +472,8 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
         "{} edits documents 0-19: --docs must be at least 20",
         workload.name()
     );
-    // A is this process: reset its peak RSS (Linux: 5 to clear_refs) and
-    // count CPU from here, so each run reports its own.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // A is this process, which makes only this run: count CPU from here,
+    // past the process's start.
     let cpu_before = cpu_seconds().unwrap_or(0.0);
     let tmp = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
@@ -525,6 +526,26 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
     })
 }
 
+/// Runs this program again as process A of one run (the same flags), and
+/// reads the figures it prints.
+fn run_in_process_a() -> Figures {
+    let output = Command::new(std::env::current_exe().expect("exe"))
+        .args(std::env::args().skip(1))
+        .env(ROLE, "a")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run process A");
+    assert!(
+        output.status.success(),
+        "process A failed: {}",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().expect("process A printed no figures");
+    serde_json::from_str(line).expect("process A's figures")
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let m = values[values.len() / 2];
@@ -539,7 +560,8 @@ fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
-    if std::env::var_os(ROLE).is_some() {
+    let role = std::env::var(ROLE).ok();
+    if role.as_deref() == Some("b") {
         return role_b();
     }
     let changes: u64 = arg("--changes")
@@ -574,8 +596,15 @@ fn main() {
                 panic!("unknown workload {name:?}: W1, W1hot, W2, W3, W3cold, W5 or all")
             }),
     };
-    // Fresh stores and a fresh B each run.
-    let all: Vec<Figures> = (0..runs).map(|_| run(workload, changes, docs)).collect();
+    if role.as_deref() == Some("a") {
+        let figures = run(workload, changes, docs);
+        println!("{}", serde_json::to_string(&figures).expect("figures"));
+        return;
+    }
+    // Each run in a fresh A process (and with a fresh B and fresh stores),
+    // so A's peak RSS and CPU are that run's alone: within one process the
+    // allocator keeps an earlier run's freed memory resident.
+    let all: Vec<Figures> = (0..runs).map(|_| run_in_process_a()).collect();
     let m = |f: fn(&Figures) -> f64| median(all.iter().map(f).collect());
     let (documents, changes) = workload.size(changes, docs);
     let peak_rss_kib = serde_json::json!({ "a": m(|f| f.rss_a_kib), "b": m(|f| f.rss_b_kib) });
