@@ -10,6 +10,15 @@
 //!   commit lets concurrent transactions share an fsync, each acknowledged
 //!   only once durable.
 //!
+//! The three parts take turns: each run is `--rounds` rounds (default 10),
+//! and in each round every part makes its share of the commits, a different
+//! part going first each time. This disk's speed drifts by a third within
+//! seconds (raw redb alone: 3,500 and 2,400 commits/s fifteen seconds apart
+//! in one process): parts run one after the other would each meet a
+//! different disk, and their ratios would measure the drift as much as
+//! Concord. A part's rate is its commits over the time it spent in its
+//! rounds.
+//!
 //! Prints one JSON line. Targets: one thread ≥ 80% of raw redb's rate, 8
 //! threads ≥ 5× one thread. Nothing is asserted: the figures are printed.
 //! Beside the rates, `written_bytes_per_commit` gives, for each part, the
@@ -21,7 +30,7 @@
 //! near 1.0 of a 2-core machine's 2.0 waits on the disk, not on the CPU.
 //!
 //! ```sh
-//! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--dir PATH]
+//! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--rounds 10] [--dir PATH]
 //! ```
 
 use std::path::Path;
@@ -43,6 +52,7 @@ struct Args {
     commits: u64,
     threads: u64,
     runs: usize,
+    rounds: u64,
 }
 
 fn args() -> Args {
@@ -50,55 +60,89 @@ fn args() -> Args {
         commits: flag_or("--commits", 10_000).max(1),
         threads: flag_or("--threads", 8).max(1),
         runs: flag_or("--runs", 1).max(1),
+        rounds: flag_or("--rounds", 10).max(1),
     }
 }
 
-/// What one part measured.
+/// What one part measured over a run: the sums of its rounds.
+#[derive(Default)]
 struct Part {
-    rate: f64,
-    written_per_commit: Option<f64>,
-    cpu_per_commit: Option<f64>,
-    cores_busy: Option<f64>,
+    commits: u64,
+    wall: f64,
+    /// `None` once any round could not read it.
+    written: Option<f64>,
+    cpu: Option<f64>,
 }
 
-/// Runs one part (which returns its commit rate) of `commits` commits.
-fn measured(commits: u64, part: impl FnOnce() -> f64) -> Part {
-    let (written, cpu) = (written_bytes(), cpu_seconds());
-    let started = Instant::now();
-    let rate = part();
-    let wall = started.elapsed().as_secs_f64();
-    let per_commit = |before: Option<f64>, after: Option<f64>| {
-        before
-            .zip(after)
-            .map(|(before, after)| (after - before).max(0.0) / commits as f64)
-    };
-    let cpu_per_commit = per_commit(cpu, cpu_seconds());
-    Part {
-        rate,
-        written_per_commit: per_commit(
-            written.map(|b| b as f64),
-            written_bytes().map(|b| b as f64),
-        ),
-        cpu_per_commit,
-        cores_busy: cpu_per_commit.map(|c| c * commits as f64 / wall),
+impl Part {
+    /// Runs one round of the part, `commits` commits, adding what it took.
+    fn round(&mut self, commits: u64, first: bool, work: impl FnOnce()) {
+        let (written, cpu) = (written_bytes(), cpu_seconds());
+        let started = Instant::now();
+        work();
+        self.wall += started.elapsed().as_secs_f64();
+        let spent = |before: Option<f64>, after: Option<f64>| {
+            before.zip(after).map(|(b, a)| (a - b).max(0.0))
+        };
+        let add = |sum: Option<f64>, more: Option<f64>| {
+            if first {
+                more
+            } else {
+                sum.zip(more).map(|(s, m)| s + m)
+            }
+        };
+        self.written = add(
+            self.written,
+            spent(written.map(|b| b as f64), written_bytes().map(|b| b as f64)),
+        );
+        self.cpu = add(self.cpu, spent(cpu, cpu_seconds()));
+        self.commits += commits;
+    }
+
+    fn rate(&self) -> f64 {
+        self.commits as f64 / self.wall
+    }
+
+    fn written_per_commit(&self) -> Option<f64> {
+        self.written.map(|w| w / self.commits as f64)
+    }
+
+    fn cpu_per_commit(&self) -> Option<f64> {
+        self.cpu.map(|c| c / self.commits as f64)
+    }
+
+    fn cores_busy(&self) -> Option<f64> {
+        self.cpu.map(|c| c / self.wall)
     }
 }
 
-/// Raw redb: `commits` one-row durable commits with two-phase commit.
-fn raw_redb(path: &Path, commits: u64) -> f64 {
-    let db = redb::Database::create(path).expect("create redb file");
-    let value = [7u8; 64];
-    let started = Instant::now();
-    for i in 0..commits {
-        let mut tx = db.begin_write().expect("begin");
-        tx.set_two_phase_commit(true);
-        {
-            let mut table = tx.open_table(RAW).expect("table");
-            table.insert(i, value.as_slice()).expect("insert");
+/// Raw redb: one-row durable commits with two-phase commit.
+struct Raw {
+    db: redb::Database,
+    next: u64,
+}
+
+impl Raw {
+    fn create(path: &Path) -> Self {
+        Self {
+            db: redb::Database::create(path).expect("create redb file"),
+            next: 0,
         }
-        tx.commit().expect("commit");
     }
-    commits as f64 / started.elapsed().as_secs_f64()
+
+    fn commits(&mut self, commits: u64) {
+        let value = [7u8; 64];
+        for _ in 0..commits {
+            let mut tx = self.db.begin_write().expect("begin");
+            tx.set_two_phase_commit(true);
+            {
+                let mut table = tx.open_table(RAW).expect("table");
+                table.insert(self.next, value.as_slice()).expect("insert");
+            }
+            tx.commit().expect("commit");
+            self.next += 1;
+        }
+    }
 }
 
 fn create_docs(replica: &Replica, n: u64) -> Vec<DocId> {
@@ -114,8 +158,8 @@ fn create_docs(replica: &Replica, n: u64) -> Vec<DocId> {
     ids
 }
 
-fn commit_loop(replica: &Replica, id: DocId, commits: u64) {
-    for i in 0..commits {
+fn commit_loop(replica: &Replica, id: DocId, from: u64, commits: u64) {
+    for i in from..from + commits {
         let mut tx = replica.begin().expect("begin");
         tx.change(id, |d| d.put(ROOT, "k", i as i64))
             .expect("change");
@@ -123,20 +167,36 @@ fn commit_loop(replica: &Replica, id: DocId, commits: u64) {
     }
 }
 
-/// Concord: `commits` single-key transactions spread over `threads` threads,
-/// each on its own document.
-fn concord(path: &Path, commits: u64, threads: u64) -> f64 {
-    let replica = Replica::open(path).expect("open replica");
-    let ids = create_docs(&replica, threads);
-    let per_thread = commits / threads;
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for id in &ids {
-            let replica = &replica;
-            s.spawn(move || commit_loop(replica, *id, per_thread));
+/// Concord: single-key transactions from as many threads as documents,
+/// each thread on its own document.
+struct Concord {
+    replica: Replica,
+    ids: Vec<DocId>,
+    /// Transactions each thread has made so far.
+    done: u64,
+}
+
+impl Concord {
+    fn open(path: &Path, threads: u64) -> Self {
+        let replica = Replica::open(path).expect("open replica");
+        let ids = create_docs(&replica, threads);
+        Self {
+            replica,
+            ids,
+            done: 0,
         }
-    });
-    (per_thread * threads) as f64 / started.elapsed().as_secs_f64()
+    }
+
+    /// `per_thread` transactions on each thread, all threads at once.
+    fn commits(&mut self, per_thread: u64) {
+        let (replica, from) = (&self.replica, self.done);
+        std::thread::scope(|s| {
+            for id in &self.ids {
+                s.spawn(move || commit_loop(replica, *id, from, per_thread));
+            }
+        });
+        self.done += per_thread;
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -148,19 +208,33 @@ fn main() {
     let args = args();
     let dir = bench_dir();
     let mut parts: [Vec<Part>; 3] = Default::default();
-    let many_commits = args.commits / args.threads * args.threads;
+    // Each round gives every part the same share of the commits (8 threads:
+    // a multiple of the thread count), the parts taking turns to go first.
+    let rounds = args.rounds.min(args.commits).max(1);
+    let per_round = (args.commits / rounds).max(1);
+    let per_thread = (per_round / args.threads).max(1);
     for run in 0..args.runs {
         let file = |name: &str| dir.path().join(format!("{name}-{run}.redb"));
-        let [raw, one, many] = &mut parts;
-        raw.push(measured(args.commits, || {
-            raw_redb(&file("raw"), args.commits)
-        }));
-        one.push(measured(args.commits, || {
-            concord(&file("one"), args.commits, 1)
-        }));
-        many.push(measured(many_commits, || {
-            concord(&file("many"), args.commits, args.threads)
-        }));
+        let mut raw = Raw::create(&file("raw"));
+        let mut one = Concord::open(&file("one"), 1);
+        let mut many = Concord::open(&file("many"), args.threads);
+        let mut measured: [Part; 3] = Default::default();
+        for round in 0..rounds {
+            let first = round == 0;
+            for turn in 0..3 {
+                let part = ((round + turn) % 3) as usize;
+                match part {
+                    0 => measured[0].round(per_round, first, || raw.commits(per_round)),
+                    1 => measured[1].round(per_round, first, || one.commits(per_round)),
+                    _ => measured[2].round(per_thread * args.threads, first, || {
+                        many.commits(per_thread)
+                    }),
+                }
+            }
+        }
+        for (all, part) in parts.iter_mut().zip(measured) {
+            all.push(part);
+        }
     }
     // The median of one figure over a part's runs, where every run has it.
     let figure = |part: &[Part], of: fn(&Part) -> Option<f64>| {
@@ -178,10 +252,10 @@ fn main() {
             "concord_threads": figure(&parts[2], of).map(round),
         })
     };
-    let written = per_part(|p| p.written_per_commit, 1.0, 0);
-    let cpu = per_part(|p| p.cpu_per_commit, 1e6, 0);
-    let cores = per_part(|p| p.cores_busy, 1.0, 2);
-    let [raw, one, many] = parts.map(|part| median(part.iter().map(|p| p.rate).collect()));
+    let written = per_part(Part::written_per_commit, 1.0, 0);
+    let cpu = per_part(Part::cpu_per_commit, 1e6, 0);
+    let cores = per_part(Part::cores_busy, 1.0, 2);
+    let [raw, one, many] = parts.map(|part| median(part.iter().map(Part::rate).collect()));
     let one_vs_raw = one / raw;
     let many_vs_one = many / one;
     let report = serde_json::json!({
@@ -189,6 +263,8 @@ fn main() {
         "commits": args.commits,
         "threads": args.threads,
         "runs": args.runs,
+        "rounds": rounds,
+        "commits_per_round": per_round,
         "commit_mode": "redb two-phase commit, fsync per commit",
         "dir": dir.path().display().to_string(),
         "raw_redb_commits_per_s": raw.round(),
