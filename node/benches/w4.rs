@@ -5,7 +5,14 @@
 //! running its own node, notes the first time its replica holds `seq ≥ i`
 //! (from its commit subscription, not by polling) and reports it. Latency of
 //! change i = that time minus the time A's commit returned, both read from
-//! the system clock of the one machine. Prints one JSON line.
+//! the system clock of the one machine.
+//!
+//! Then, on the same disk and the same schedule, the disk's own share: raw
+//! redb one-row durable commits (two-phase, as Concord's), one every
+//! interval, timed alone (`disk_floor`). A durable commit after the disk
+//! has idled for an interval takes longer than one of a busy stream (C1),
+//! and W4 waits for one on B; the floor shows what of the latency is the
+//! disk's. Prints one JSON line.
 //!
 //! ```sh
 //! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10]
@@ -118,6 +125,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Raw redb one-row durable commits (two-phase), `commits` of them, one
+/// every `interval`: the latency of each in milliseconds, sorted.
+fn disk_floor(path: &std::path::Path, commits: i64, interval: Duration) -> Vec<f64> {
+    const ROWS: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("rows");
+    let db = redb::Database::create(path).expect("floor redb file");
+    let value = [7u8; 64];
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(commits as usize);
+    for i in 1..=commits {
+        let due = start + interval * (i as u32);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let began = Instant::now();
+        let mut tx = db.begin_write().expect("begin");
+        tx.set_two_phase_commit(true);
+        {
+            let mut rows = tx.open_table(ROWS).expect("table");
+            rows.insert(i as u64, value.as_slice()).expect("insert");
+        }
+        tx.commit().expect("commit");
+        latencies.push(began.elapsed().as_secs_f64() * 1e3);
+    }
+    latencies.sort_by(f64::total_cmp);
+    latencies
 }
 
 fn put_seq(replica: &Replica, doc: DocId, seq: i64) -> u128 {
@@ -263,16 +295,25 @@ fn main() {
             })
             .collect();
         latencies.sort_by(f64::total_cmp);
+        // Both nodes are gone: the disk is the floor's alone.
+        let floor_path = tmp.path().join("floor.redb");
+        let floor = tokio::task::block_in_place(|| disk_floor(&floor_path, changes, interval));
+        let ms = |v: f64| (v * 1e3).round() / 1e3;
         let report = serde_json::json!({
             "workload": "W4",
             "changes": changes,
             "interval_ms": interval.as_millis() as u64,
             "updates_observed_on_b": observed,
             "changes_seen_on_b": latencies.len(),
-            "p50_ms": (percentile(&latencies, 50.0) * 1000.0).round() / 1000.0,
-            "p99_ms": (percentile(&latencies, 99.0) * 1000.0).round() / 1000.0,
-            "max_ms": (latencies.last().copied().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0,
+            "p50_ms": ms(percentile(&latencies, 50.0)),
+            "p99_ms": ms(percentile(&latencies, 99.0)),
+            "max_ms": ms(latencies.last().copied().unwrap_or(f64::NAN)),
             "targets": { "p50_ms": 1.0, "p99_ms": 2.0 },
+            "disk_floor": {
+                "what": "raw redb one-row durable commit (two-phase), alone, one every interval",
+                "p50_ms": ms(percentile(&floor, 50.0)),
+                "p99_ms": ms(percentile(&floor, 99.0)),
+            },
             "bytes_a_to_b": bytes.map(|b| b.0),
             "bytes_b_to_a": bytes.map(|b| b.1),
             "peak_rss_kib": { "a": peak_rss_kib(), "b": b_rss },
