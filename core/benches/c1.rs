@@ -34,6 +34,7 @@
 //! ```
 
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use concord_core::automerge::ROOT;
@@ -168,34 +169,50 @@ fn commit_loop(replica: &Replica, id: DocId, from: u64, commits: u64) {
 }
 
 /// Concord: single-key transactions from as many threads as documents,
-/// each thread on its own document.
+/// each thread on its own document. The threads live for the whole run, so
+/// group commit meets the same threads in every round, as in a steady load.
 struct Concord {
-    replica: Replica,
-    ids: Vec<DocId>,
-    /// Transactions each thread has made so far.
-    done: u64,
+    /// Tells each thread how many transactions to make next.
+    go: Vec<mpsc::Sender<u64>>,
+    /// One message per thread that has made them.
+    done: mpsc::Receiver<()>,
 }
 
 impl Concord {
-    fn open(path: &Path, threads: u64) -> Self {
-        let replica = Replica::open(path).expect("open replica");
-        let ids = create_docs(&replica, threads);
-        Self {
-            replica,
-            ids,
-            done: 0,
-        }
+    fn start<'s, 'env>(
+        scope: &'s std::thread::Scope<'s, 'env>,
+        replica: &'env Replica,
+        threads: u64,
+    ) -> Self {
+        let (finished, done) = mpsc::channel();
+        let go = create_docs(replica, threads)
+            .into_iter()
+            .map(|id| {
+                let (go, commits) = mpsc::channel::<u64>();
+                let finished = finished.clone();
+                scope.spawn(move || {
+                    let mut from = 0;
+                    // Until the run drops its sender.
+                    for n in commits {
+                        commit_loop(replica, id, from, n);
+                        from += n;
+                        finished.send(()).expect("the run waits for its threads");
+                    }
+                });
+                go
+            })
+            .collect();
+        Self { go, done }
     }
 
     /// `per_thread` transactions on each thread, all threads at once.
-    fn commits(&mut self, per_thread: u64) {
-        let (replica, from) = (&self.replica, self.done);
-        std::thread::scope(|s| {
-            for id in &self.ids {
-                s.spawn(move || commit_loop(replica, *id, from, per_thread));
-            }
-        });
-        self.done += per_thread;
+    fn commits(&self, per_thread: u64) {
+        for go in &self.go {
+            go.send(per_thread).expect("thread alive");
+        }
+        for _ in &self.go {
+            self.done.recv().expect("thread finished its share");
+        }
     }
 }
 
@@ -216,22 +233,26 @@ fn main() {
     for run in 0..args.runs {
         let file = |name: &str| dir.path().join(format!("{name}-{run}.redb"));
         let mut raw = Raw::create(&file("raw"));
-        let mut one = Concord::open(&file("one"), 1);
-        let mut many = Concord::open(&file("many"), args.threads);
+        let one_replica = Replica::open(file("one")).expect("open replica");
+        let many_replica = Replica::open(file("many")).expect("open replica");
         let mut measured: [Part; 3] = Default::default();
-        for round in 0..rounds {
-            let first = round == 0;
-            for turn in 0..3 {
-                let part = ((round + turn) % 3) as usize;
-                match part {
-                    0 => measured[0].round(per_round, first, || raw.commits(per_round)),
-                    1 => measured[1].round(per_round, first, || one.commits(per_round)),
-                    _ => measured[2].round(per_thread * args.threads, first, || {
-                        many.commits(per_thread)
-                    }),
+        std::thread::scope(|s| {
+            let one = Concord::start(s, &one_replica, 1);
+            let many = Concord::start(s, &many_replica, args.threads);
+            for round in 0..rounds {
+                let first = round == 0;
+                for turn in 0..3 {
+                    let part = ((round + turn) % 3) as usize;
+                    match part {
+                        0 => measured[0].round(per_round, first, || raw.commits(per_round)),
+                        1 => measured[1].round(per_round, first, || one.commits(per_round)),
+                        _ => measured[2].round(per_thread * args.threads, first, || {
+                            many.commits(per_thread)
+                        }),
+                    }
                 }
             }
-        }
+        });
         for (all, part) in parts.iter_mut().zip(measured) {
             all.push(part);
         }
