@@ -45,7 +45,7 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
-use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib};
+use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
 
 const ROLE: &str = "CONCORD_BULK_ROLE";
 
@@ -526,24 +526,9 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
     })
 }
 
-/// Runs this program again as process A of one run (the same flags), and
-/// reads the figures it prints.
-fn run_in_process_a() -> Figures {
-    let output = Command::new(std::env::current_exe().expect("exe"))
-        .args(std::env::args().skip(1))
-        .env(ROLE, "a")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run process A");
-    assert!(
-        output.status.success(),
-        "process A failed: {}",
-        output.status
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().expect("process A printed no figures");
-    serde_json::from_str(line).expect("process A's figures")
+/// One run in a fresh process A, and its report.
+fn fresh_run() -> Figures {
+    serde_json::from_str(&run_in_process_a(ROLE)).expect("process A's figures")
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -604,7 +589,7 @@ fn main() {
     // Each run in a fresh A process (and with a fresh B and fresh stores),
     // so A's peak RSS and CPU are that run's alone: within one process the
     // allocator keeps an earlier run's freed memory resident.
-    let all: Vec<Figures> = (0..runs).map(|_| run_in_process_a()).collect();
+    let all: Vec<Figures> = (0..runs).map(|_| fresh_run()).collect();
     let m = |f: fn(&Figures) -> f64| median(all.iter().map(f).collect());
     let (documents, changes) = workload.size(changes, docs);
     let peak_rss_kib = serde_json::json!({ "a": m(|f| f.rss_a_kib), "b": m(|f| f.rss_b_kib) });

@@ -12,10 +12,12 @@
 //! interval, timed alone (`disk_floor`). A durable commit after the disk
 //! has idled for an interval takes longer than one of a busy stream (C1),
 //! and W4 waits for one on B; the floor shows what of the latency is the
-//! disk's. Prints one JSON line.
+//! disk's. Prints one JSON line; with `--runs N`, each run in a fresh
+//! process A (and B), the medians of the runs' figures, and every run's p50
+//! and p99.
 //!
 //! ```sh
-//! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10]
+//! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10] [--runs N]
 //! ```
 
 use std::io::Write;
@@ -30,7 +32,7 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
-use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib};
+use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
 
 const ROLE: &str = "CONCORD_W4_ROLE";
 
@@ -166,9 +168,81 @@ fn main() {
             .with_writer(std::io::stderr)
             .try_init();
     }
-    if std::env::var_os(ROLE).is_some() {
+    let role = std::env::var(ROLE).ok();
+    if role.as_deref() == Some("b") {
         return role_b();
     }
+    let runs: usize = arg("--runs")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    if runs == 1 || role.as_deref() == Some("a") {
+        println!("{}", run());
+        return;
+    }
+    // Each run in a fresh process A (with a fresh B and fresh stores), so
+    // A's peak RSS and CPU are that run's alone.
+    let reports: Vec<serde_json::Value> = (0..runs).map(|_| fresh_run()).collect();
+    println!("{}", medians(&reports));
+}
+
+/// One run in a fresh process A, and its report.
+fn fresh_run() -> serde_json::Value {
+    serde_json::from_str(&run_in_process_a(ROLE)).expect("process A's report")
+}
+
+/// One report of several runs: the median of each figure, and the p50 and
+/// p99 of every run.
+fn medians(reports: &[serde_json::Value]) -> serde_json::Value {
+    let all = |path: &[&str]| -> Vec<f64> {
+        reports
+            .iter()
+            .filter_map(|r| path.iter().try_fold(r, |v, key| v.get(key)))
+            .filter_map(serde_json::Value::as_f64)
+            .collect()
+    };
+    let median = |path: &[&str]| -> Option<f64> {
+        let mut values = all(path);
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    // Counts and bytes stay whole numbers.
+    let count = |path: &[&str]| median(path).map(|v| v.round() as u64);
+    let first = &reports[0];
+    serde_json::json!({
+        "workload": "W4",
+        "runs": reports.len(),
+        "changes": first["changes"],
+        "interval_ms": first["interval_ms"],
+        "updates_observed_on_b": count(&["updates_observed_on_b"]),
+        "changes_seen_on_b": count(&["changes_seen_on_b"]),
+        "p50_ms": median(&["p50_ms"]),
+        "p99_ms": median(&["p99_ms"]),
+        "max_ms": median(&["max_ms"]),
+        "p50_ms_of_runs": all(&["p50_ms"]),
+        "p99_ms_of_runs": all(&["p99_ms"]),
+        "targets": first["targets"],
+        "disk_floor": {
+            "what": first["disk_floor"]["what"],
+            "p50_ms": median(&["disk_floor", "p50_ms"]),
+            "p99_ms": median(&["disk_floor", "p99_ms"]),
+        },
+        "bytes_a_to_b": count(&["bytes_a_to_b"]),
+        "bytes_b_to_a": count(&["bytes_b_to_a"]),
+        "peak_rss_kib": {
+            "a": count(&["peak_rss_kib", "a"]),
+            "b": count(&["peak_rss_kib", "b"]),
+        },
+        "cpu_seconds": {
+            "a": median(&["cpu_seconds", "a"]),
+            "b": median(&["cpu_seconds", "b"]),
+        },
+        "durable_commits": first["durable_commits"],
+    })
+}
+
+/// One run: process A here, B a process of its own. Returns the report.
+fn run() -> serde_json::Value {
     let changes: i64 = arg("--changes")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
@@ -185,7 +259,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
+    let report = runtime.block_on(async {
         // The document, before anyone connects.
         let doc = {
             let replica = Replica::open(a_dir.join("store.redb")).expect("store");
@@ -299,7 +373,7 @@ fn main() {
         let floor_path = tmp.path().join("floor.redb");
         let floor = tokio::task::block_in_place(|| disk_floor(&floor_path, changes, interval));
         let ms = |v: f64| (v * 1e3).round() / 1e3;
-        let report = serde_json::json!({
+        serde_json::json!({
             "workload": "W4",
             "changes": changes,
             "interval_ms": interval.as_millis() as u64,
@@ -319,8 +393,8 @@ fn main() {
             "peak_rss_kib": { "a": peak_rss_kib(), "b": b_rss },
             "cpu_seconds": { "a": cpu_seconds(), "b": b_cpu },
             "durable_commits": "both sides (redb two-phase commit, fsync)",
-        });
-        println!("{report}");
+        })
     });
     drop(tmp);
+    report
 }

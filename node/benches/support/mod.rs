@@ -3,7 +3,7 @@
 //! them), and flag parsing.
 
 use std::io::{BufRead, BufReader};
-use std::process::ChildStdout;
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,4 +39,28 @@ pub fn lines_of(stdout: ChildStdout) -> mpsc::Receiver<String> {
         }
     });
     lines
+}
+
+/// Runs this program again with the same flags and `role` = `"a"` in its
+/// environment, as process A of one run of its own (so A's peak RSS and CPU
+/// are that run's alone), and returns the last line it prints: its report.
+pub fn run_in_process_a(role: &str) -> String {
+    let output = Command::new(std::env::current_exe().expect("exe"))
+        .args(std::env::args().skip(1))
+        .env(role, "a")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run process A");
+    assert!(
+        output.status.success(),
+        "process A failed: {}",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .last()
+        .expect("process A printed no report")
+        .to_string()
 }
