@@ -33,6 +33,7 @@
 //! cargo bench -p concord-core --bench c1 -- [--commits 10000] [--threads 8] [--runs 3] [--rounds 10] [--dir PATH]
 //! ```
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -174,8 +175,8 @@ fn commit_loop(replica: &Replica, id: DocId, from: u64, commits: u64) {
 struct Concord {
     /// Tells each thread how many transactions to make next.
     go: Vec<mpsc::Sender<u64>>,
-    /// One message per thread that has made them.
-    done: mpsc::Receiver<()>,
+    /// One message per thread that has made them (`false`: it panicked).
+    done: mpsc::Receiver<bool>,
 }
 
 impl Concord {
@@ -192,11 +193,16 @@ impl Concord {
                 let finished = finished.clone();
                 scope.spawn(move || {
                     let mut from = 0;
-                    // Until the run drops its sender.
+                    // Until the run drops its sender. A panic is reported,
+                    // so that the run fails instead of waiting for it.
                     for n in commits {
-                        commit_loop(replica, id, from, n);
+                        let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            commit_loop(replica, id, from, n)
+                        }));
                         from += n;
-                        finished.send(()).expect("the run waits for its threads");
+                        if finished.send(made.is_ok()).is_err() || made.is_err() {
+                            break;
+                        }
                     }
                 });
                 go
@@ -211,7 +217,8 @@ impl Concord {
             go.send(per_thread).expect("thread alive");
         }
         for _ in &self.go {
-            self.done.recv().expect("thread finished its share");
+            let made = self.done.recv().expect("thread finished its share");
+            assert!(made, "a thread's transactions failed");
         }
     }
 }
