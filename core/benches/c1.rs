@@ -34,20 +34,17 @@
 //! ```
 
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
 use concord_core::automerge::ROOT;
 use concord_core::automerge::transaction::Transactable;
 use concord_core::{DEFAULT_SPACE, DocId, Replica};
-use redb::TableDefinition;
-
-const RAW: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raw");
 
 mod support;
 
 use support::process::{cpu_seconds, written_bytes};
+use support::raw::RawRows;
 use support::{bench_dir, flag_or};
 
 struct Args {
@@ -78,7 +75,8 @@ struct Part {
 
 impl Part {
     /// Runs one round of the part, `commits` commits, adding what it took.
-    fn round(&mut self, commits: u64, first: bool, work: impl FnOnce()) {
+    fn round(&mut self, commits: u64, work: impl FnOnce()) {
+        let first = self.commits == 0;
         let (written, cpu) = (written_bytes(), cpu_seconds());
         let started = Instant::now();
         work();
@@ -115,35 +113,6 @@ impl Part {
 
     fn cores_busy(&self) -> Option<f64> {
         self.cpu.map(|c| c / self.wall)
-    }
-}
-
-/// Raw redb: one-row durable commits with two-phase commit.
-struct Raw {
-    db: redb::Database,
-    next: u64,
-}
-
-impl Raw {
-    fn create(path: &Path) -> Self {
-        Self {
-            db: redb::Database::create(path).expect("create redb file"),
-            next: 0,
-        }
-    }
-
-    fn commits(&mut self, commits: u64) {
-        let value = [7u8; 64];
-        for _ in 0..commits {
-            let mut tx = self.db.begin_write().expect("begin");
-            tx.set_two_phase_commit(true);
-            {
-                let mut table = tx.open_table(RAW).expect("table");
-                table.insert(self.next, value.as_slice()).expect("insert");
-            }
-            tx.commit().expect("commit");
-            self.next += 1;
-        }
     }
 }
 
@@ -239,7 +208,7 @@ fn main() {
     let per_thread = (per_round / args.threads).max(1);
     for run in 0..args.runs {
         let file = |name: &str| dir.path().join(format!("{name}-{run}.redb"));
-        let mut raw = Raw::create(&file("raw"));
+        let mut raw = RawRows::create(&file("raw"));
         let one_replica = Replica::open(file("one")).expect("open replica");
         let many_replica = Replica::open(file("many")).expect("open replica");
         let mut measured: [Part; 3] = Default::default();
@@ -247,15 +216,14 @@ fn main() {
             let one = Concord::start(s, &one_replica, 1);
             let many = Concord::start(s, &many_replica, args.threads);
             for round in 0..rounds {
-                let first = round == 0;
                 for turn in 0..3 {
                     let part = ((round + turn) % 3) as usize;
                     match part {
-                        0 => measured[0].round(per_round, first, || raw.commits(per_round)),
-                        1 => measured[1].round(per_round, first, || one.commits(per_round)),
-                        _ => measured[2].round(per_thread * args.threads, first, || {
-                            many.commits(per_thread)
-                        }),
+                        0 => measured[0]
+                            .round(per_round, || (0..per_round).for_each(|_| raw.commit(true))),
+                        1 => measured[1].round(per_round, || one.commits(per_round)),
+                        _ => measured[2]
+                            .round(per_thread * args.threads, || many.commits(per_thread)),
                     }
                 }
             }

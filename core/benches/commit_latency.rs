@@ -28,12 +28,10 @@ use std::time::{Duration, Instant};
 use concord_core::automerge::ROOT;
 use concord_core::automerge::transaction::Transactable;
 use concord_core::{DEFAULT_SPACE, DocId, Replica};
-use redb::TableDefinition;
-
-const RAW: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raw");
 
 mod support;
 
+use support::raw::RawRows;
 use support::{bench_dir, flag_or, list_or};
 
 struct Args {
@@ -73,7 +71,7 @@ fn main() {
     let mut file = File::create(dir.path().join("plain")).expect("create file");
     file.write_all(&[0u8; 8192]).expect("write file");
     file.sync_all().expect("sync file");
-    let db = redb::Database::create(dir.path().join("raw.redb")).expect("create redb file");
+    let mut raw = RawRows::create(&dir.path().join("raw.redb"));
     let replica = Replica::open(dir.path().join("concord.redb")).expect("open replica");
     let doc: DocId = {
         let mut tx = replica.begin().expect("begin");
@@ -84,17 +82,6 @@ fn main() {
         doc
     };
 
-    let mut row = 0u64;
-    let mut raw = |two_phase: bool| {
-        row += 1;
-        let mut tx = db.begin_write().expect("begin");
-        tx.set_two_phase_commit(two_phase);
-        tx.open_table(RAW)
-            .expect("table")
-            .insert(row, [7u8; 64].as_slice())
-            .expect("insert");
-        tx.commit().expect("commit");
-    };
     let mut gaps = serde_json::Map::new();
     for &ms in &args.idle_ms {
         let idle = Duration::from_millis(ms);
@@ -104,8 +91,8 @@ fn main() {
             file.write_all(&[i as u8; 4096]).expect("write");
             file.sync_data().expect("fdatasync");
         });
-        let one_phase = timed(n, idle, |_| raw(false));
-        let two_phase = timed(n, idle, |_| raw(true));
+        let one_phase = timed(n, idle, |_| raw.commit(false));
+        let two_phase = timed(n, idle, |_| raw.commit(true));
         let concord = timed(n, idle, |i| {
             let mut tx = replica.begin().expect("begin");
             tx.change(doc, |d| d.put(ROOT, "k", i as i64))

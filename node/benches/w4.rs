@@ -32,6 +32,7 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
+use support::raw::RawRows;
 use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
 
 const ROLE: &str = "CONCORD_W4_ROLE";
@@ -132,24 +133,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Raw redb one-row durable commits (two-phase), `commits` of them, one
 /// every `interval`: the latency of each in milliseconds, sorted.
 fn disk_floor(path: &std::path::Path, commits: i64, interval: Duration) -> Vec<f64> {
-    const ROWS: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("rows");
-    let db = redb::Database::create(path).expect("floor redb file");
-    let value = [7u8; 64];
+    let mut raw = RawRows::create(path);
     let start = Instant::now();
-    let mut latencies = Vec::with_capacity(commits as usize);
-    for i in 1..=commits {
-        let due = start + interval * (i as u32);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let began = Instant::now();
-        let mut tx = db.begin_write().expect("begin");
-        tx.set_two_phase_commit(true);
-        {
-            let mut rows = tx.open_table(ROWS).expect("table");
-            rows.insert(i as u64, value.as_slice()).expect("insert");
-        }
-        tx.commit().expect("commit");
-        latencies.push(began.elapsed().as_secs_f64() * 1e3);
-    }
+    let mut latencies: Vec<f64> = (1..=commits)
+        .map(|i| {
+            let due = start + interval * (i as u32);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let began = Instant::now();
+            raw.commit(true);
+            began.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
     latencies.sort_by(f64::total_cmp);
     latencies
 }

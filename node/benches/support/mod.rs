@@ -11,6 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 mod process;
 pub use process::{cpu_seconds, peak_rss_kib};
 
+#[path = "../../../core/benches/support/raw.rs"]
+#[allow(dead_code)] // W4 uses it, the bulk benchmark does not.
+pub mod raw;
+
 /// Nanoseconds since the Unix epoch: the one clock both processes of a
 /// benchmark read on this machine.
 pub fn nanos() -> u128 {
