@@ -45,7 +45,7 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
-use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
+use support::{Reaped, arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
 
 const ROLE: &str = "CONCORD_BULK_ROLE";
 
@@ -271,7 +271,7 @@ fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<
 
 /// Process B, driven through its stdin and stdout.
 struct ProcessB {
-    child: std::process::Child,
+    child: Reaped,
     stdin: std::process::ChildStdin,
     lines: mpsc::Receiver<String>,
     addr: SocketAddr,
@@ -280,15 +280,17 @@ struct ProcessB {
 impl ProcessB {
     /// Starts B on `dir`, trusting `a`, and waits until it listens.
     fn spawn(dir: &std::path::Path, a: NodeId) -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("exe"))
-            .env(ROLE, "b")
-            .env("CONCORD_BULK_DIR", dir)
-            .env("CONCORD_BULK_PEER", a.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn b");
+        let mut child = Reaped(
+            Command::new(std::env::current_exe().expect("exe"))
+                .env(ROLE, "b")
+                .env("CONCORD_BULK_DIR", dir)
+                .env("CONCORD_BULK_PEER", a.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn b"),
+        );
         let lines = lines_of(child.stdout.take().expect("b stdout"));
         let stdin = child.stdin.take().expect("b stdin");
         let addr = lines

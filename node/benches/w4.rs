@@ -33,7 +33,7 @@ use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
 use support::raw::RawRows;
-use support::{arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
+use support::{Reaped, arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
 
 const ROLE: &str = "CONCORD_W4_ROLE";
 
@@ -266,15 +266,17 @@ fn run() -> serde_json::Value {
             doc
         };
         // B, a separate process.
-        let mut b = Command::new(std::env::current_exe().expect("exe"))
-            .env(ROLE, "b")
-            .env("CONCORD_W4_DIR", &b_dir)
-            .env("CONCORD_W4_PEER", a_identity.node_id().to_string())
-            .env("CONCORD_W4_DOC", doc.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn b");
+        let mut b = Reaped(
+            Command::new(std::env::current_exe().expect("exe"))
+                .env(ROLE, "b")
+                .env("CONCORD_W4_DIR", &b_dir)
+                .env("CONCORD_W4_PEER", a_identity.node_id().to_string())
+                .env("CONCORD_W4_DOC", doc.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn b"),
+        );
         let lines = lines_of(b.stdout.take().expect("b stdout"));
         let next = |what: &str| {
             tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)))

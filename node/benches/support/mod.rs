@@ -3,7 +3,7 @@
 //! them), and flag parsing.
 
 use std::io::{BufRead, BufReader};
-use std::process::{ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,34 @@ pub fn arg(name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// A child process (the benchmark's process B), killed and reaped when
+/// dropped: a run that ends early (a panic in A) leaves nothing running and
+/// nothing waiting for it. It derefs to the [`Child`].
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Both fail harmlessly once the process has exited and been waited
+        // for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The lines a child process prints, read on a thread of their own.
