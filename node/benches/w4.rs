@@ -56,10 +56,7 @@ fn role_b() {
         .expect("doc")
         .parse()
         .expect("doc id");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let mut config = NodeConfig::new(&dir, "127.0.0.1:0".parse().expect("addr"));
         config.peers = vec![PeerConfig::new(a, None)];
@@ -120,6 +117,27 @@ fn role_b() {
         let _ = tokio::task::spawn_blocking(move || reporter.join()).await;
         node.shutdown().await;
     });
+}
+
+/// `--runtime`: the tokio runtime both nodes run on, `multi-thread`
+/// (one worker a core, as the `concord` binary's) or `current-thread`.
+/// Process B is told in its environment.
+const RUNTIME: &str = "CONCORD_W4_RUNTIME";
+
+fn runtime_flavour() -> String {
+    std::env::var(RUNTIME)
+        .ok()
+        .or_else(|| arg("--runtime"))
+        .unwrap_or_else(|| "multi-thread".into())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    let mut builder = match runtime_flavour().as_str() {
+        "current-thread" => tokio::runtime::Builder::new_current_thread(),
+        "multi-thread" => tokio::runtime::Builder::new_multi_thread(),
+        other => panic!("--runtime {other}: expected current-thread or multi-thread"),
+    };
+    builder.enable_all().build().expect("runtime")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -233,7 +251,32 @@ fn medians(reports: &[serde_json::Value]) -> serde_json::Value {
             "b": median(&["cpu_seconds", "b"]),
         },
         "durable_commits": first["durable_commits"],
+        "runtime": first["runtime"],
     })
+}
+
+/// B's lines, for A's async code: on a current-thread runtime A's node
+/// runs on the thread that waits for them, so the wait must not block it.
+fn async_lines(
+    lines: std::sync::mpsc::Receiver<String>,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// B's next line, waiting at most 30 s.
+async fn next(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) -> String {
+    match tokio::time::timeout(Duration::from_secs(30), lines.recv()).await {
+        Ok(Some(line)) => line,
+        _ => panic!("B said nothing while {what}"),
+    }
 }
 
 /// One run: process A here, B a process of its own. Returns the report.
@@ -250,10 +293,7 @@ fn run() -> serde_json::Value {
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
     let a_identity = Identity::create_in(&a_dir).expect("a identity");
     let b_identity = Identity::create_in(&b_dir).expect("b identity");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     let report = runtime.block_on(async {
         // The document, before anyone connects.
         let doc = {
@@ -269,6 +309,7 @@ fn run() -> serde_json::Value {
         let mut b = Reaped(
             Command::new(std::env::current_exe().expect("exe"))
                 .env(ROLE, "b")
+                .env(RUNTIME, runtime_flavour())
                 .env("CONCORD_W4_DIR", &b_dir)
                 .env("CONCORD_W4_PEER", a_identity.node_id().to_string())
                 .env("CONCORD_W4_DOC", doc.to_string())
@@ -277,12 +318,9 @@ fn run() -> serde_json::Value {
                 .spawn()
                 .expect("spawn b"),
         );
-        let lines = lines_of(b.stdout.take().expect("b stdout"));
-        let next = |what: &str| {
-            tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)))
-                .unwrap_or_else(|_| panic!("B said nothing while {what}"))
-        };
-        let b_addr: SocketAddr = next("starting")
+        let mut lines = async_lines(lines_of(b.stdout.take().expect("b stdout")));
+        let b_addr: SocketAddr = next(&mut lines, "starting")
+            .await
             .strip_prefix("ADDR ")
             .expect("ADDR line")
             .parse()
@@ -290,8 +328,8 @@ fn run() -> serde_json::Value {
         let mut config = NodeConfig::new(&a_dir, "127.0.0.1:0".parse().expect("addr"));
         config.peers = vec![PeerConfig::new(b_identity.node_id(), Some(b_addr))];
         let a = Node::start(config).await.expect("start a");
-        assert_eq!(next("receiving the document"), "READY");
-        let _ = next("receiving the document"); // its first SEEN line
+        assert_eq!(next(&mut lines, "receiving the document").await, "READY");
+        let _ = next(&mut lines, "receiving the document").await; // its first SEEN line
 
         // The schedule: change i at start + i × interval.
         let mut committed = Vec::with_capacity(changes as usize);
@@ -320,8 +358,7 @@ fn run() -> serde_json::Value {
         let mut b_cpu = 0f64;
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let Ok(line) =
-                tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)))
+            let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(30), lines.recv()).await
             else {
                 break;
             };
@@ -368,7 +405,8 @@ fn run() -> serde_json::Value {
         latencies.sort_by(f64::total_cmp);
         // Both nodes are gone: the disk is the floor's alone.
         let floor_path = tmp.path().join("floor.redb");
-        let floor = tokio::task::block_in_place(|| disk_floor(&floor_path, changes, interval));
+        // Blocking the runtime is harmless now: nothing else runs on it.
+        let floor = disk_floor(&floor_path, changes, interval);
         let ms = |v: f64| (v * 1e3).round() / 1e3;
         serde_json::json!({
             "workload": "W4",
@@ -390,6 +428,7 @@ fn run() -> serde_json::Value {
             "peak_rss_kib": { "a": peak_rss_kib(), "b": b_rss },
             "cpu_seconds": { "a": cpu_seconds(), "b": b_cpu },
             "durable_commits": "both sides (redb two-phase commit, fsync)",
+            "runtime": runtime_flavour(),
         })
     });
     drop(tmp);

@@ -30,6 +30,8 @@ pub struct ConfigFile {
     pub api_token: Option<String>,
     /// Offer peers stream compression (default true).
     pub compress: Option<bool>,
+    /// The tokio runtime the node runs on (default multi-thread).
+    pub runtime: Option<RuntimeFlavour>,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerEntry>,
@@ -39,6 +41,45 @@ pub struct ConfigFile {
     /// `[storage]`: the replica's memory budgets (defaults when absent).
     #[serde(default)]
     pub storage: Storage,
+}
+
+/// The tokio runtime `concord run` runs the node on: `"multi-thread"` (the
+/// default, one worker a core) or `"current-thread"` (the node on one
+/// thread: lowest latency with few peers). The crate docs' "Runtime"
+/// section says what each costs.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeFlavour {
+    /// Tokio's multi-threaded runtime.
+    #[default]
+    MultiThread,
+    /// Tokio's current-thread runtime.
+    CurrentThread,
+}
+
+impl RuntimeFlavour {
+    /// Builds the runtime, with its I/O and time drivers.
+    pub fn build(self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self {
+            Self::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+            Self::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        };
+        builder.enable_all().build()
+    }
+}
+
+impl std::str::FromStr for RuntimeFlavour {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "multi-thread" => Ok(Self::MultiThread),
+            "current-thread" => Ok(Self::CurrentThread),
+            other => Err(format!(
+                "unknown runtime {other:?}: expected \"multi-thread\" or \"current-thread\""
+            )),
+        }
+    }
 }
 
 /// One `[[peer]]`.
@@ -204,6 +245,25 @@ id = "{id}"
         let plain: ConfigFile = toml::from_str("compress = false\n").expect("compress");
         assert_eq!(plain.compress, Some(false));
         assert_eq!(file.compress, None);
+    }
+
+    #[test]
+    fn the_runtime_parses_from_the_file_and_the_flag_or_explains() {
+        let one: ConfigFile = toml::from_str("runtime = \"current-thread\"\n").expect("runtime");
+        assert_eq!(one.runtime, Some(RuntimeFlavour::CurrentThread));
+        assert_eq!(ConfigFile::default().runtime, None);
+        assert_eq!(RuntimeFlavour::default(), RuntimeFlavour::MultiThread);
+        assert!(toml::from_str::<ConfigFile>("runtime = \"threads\"\n").is_err());
+        assert_eq!(
+            "multi-thread".parse::<RuntimeFlavour>(),
+            Ok(RuntimeFlavour::MultiThread)
+        );
+        let err = "single".parse::<RuntimeFlavour>().expect_err("unknown");
+        assert!(err.contains("current-thread"), "{err}");
+        for flavour in [RuntimeFlavour::MultiThread, RuntimeFlavour::CurrentThread] {
+            let runtime = flavour.build().expect("builds");
+            assert_eq!(runtime.block_on(async { 2 + 2 }), 4);
+        }
     }
 
     #[test]

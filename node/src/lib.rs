@@ -42,6 +42,28 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Runtime
+//!
+//! A node runs on either flavour of tokio runtime. Its redb work (reads,
+//! commits and their fsyncs, automerge's merges) blocks: on a
+//! multi-threaded runtime it runs in `block_in_place`, and the worker's
+//! other tasks move to another thread meanwhile; on a current-thread
+//! runtime there is no other thread, so it runs inline and the node's
+//! other tasks (every connection, its timers, the HTTP API) wait for it.
+//!
+//! - **Multi-threaded** (the default of `concord run`): sessions with
+//!   different peers work at the same time, and a long merge or commit
+//!   holds up no other connection. The choice for hubs and bulk sync.
+//! - **Current-thread** (`concord run --runtime current-thread`, or
+//!   `runtime = "current-thread"` in the config file): a received packet,
+//!   the QUIC connection, the sync session and its commit all run on one
+//!   thread, with no other thread to wake between them. On the project's
+//!   2-core VM, quinn carries a small write from one side to the other in
+//!   23–45 µs (p50) between two current-thread runtimes, against
+//!   125–170 µs between two 2-worker multi-threaded ones, and a live change
+//!   reaches a peer's disk about 0.2 ms sooner (W4 in BENCHMARKS.md). The
+//!   choice for the lowest latency with few peers.
+//!
 //! # Parts
 //!
 //! - [`identity`]: the node's Ed25519 key and self-signed certificate; its
@@ -72,6 +94,7 @@ pub mod limits;
 mod metrics;
 mod node;
 mod peer;
+mod runtime;
 pub mod storage;
 pub mod tls;
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use concord_core::{NodeId, Replica};
-use concord_node::config::{self, ConfigFile};
+use concord_node::config::{self, ConfigFile, RuntimeFlavour};
 use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig, store_path};
 
@@ -59,6 +59,10 @@ enum Command {
         /// Start with the network off.
         #[arg(long)]
         offline: bool,
+        /// The async runtime: multi-thread or current-thread [default:
+        /// multi-thread] (see the concord-node crate docs, "Runtime").
+        #[arg(long)]
+        runtime: Option<RuntimeFlavour>,
     },
     /// Three nodes on 127.0.0.1 with temporary stores: concurrent offline
     /// edits, reconnection, and an account of how they converged.
@@ -132,8 +136,7 @@ fn init_logging(filter: Option<&str>, default: &str) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    RuntimeFlavour::default()
         .build()
         .context("starting the async runtime")
 }
@@ -179,6 +182,7 @@ struct RunFlags {
     peers: Vec<String>,
     trust: Vec<NodeId>,
     offline: bool,
+    runtime: Option<RuntimeFlavour>,
 }
 
 fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
@@ -189,6 +193,7 @@ fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
         peers: peer_flags,
         trust,
         offline,
+        runtime,
     } = flags;
     let file = match &config_file {
         Some(path) => ConfigFile::load(path)?,
@@ -215,7 +220,12 @@ fn run_node(data_dir: &Path, flags: RunFlags) -> anyhow::Result<()> {
     node_config.limits = file.limits.clone();
     node_config.storage = file.storage.clone();
     node_config.compress = file.compress.unwrap_or(true);
-    runtime()?.block_on(async {
+    let runtime = runtime
+        .or(file.runtime)
+        .unwrap_or_default()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
         let node = Node::start(node_config).await?;
         write_run_file(data_dir, &node)?;
         tracing::info!(node = %node.node_id(), addr = %node.local_addr()?, "running; SIGINT or SIGTERM stops");
@@ -243,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             peer,
             trust,
             offline,
+            runtime,
         } => {
             init_logging(cli.log.as_deref(), "info");
             run_node(
@@ -254,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     peers: peer,
                     trust,
                     offline,
+                    runtime,
                 },
             )?;
         }

@@ -511,10 +511,11 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Starts a node: opens its identity and store, binds the endpoint, and
-    /// begins dialling and accepting. Needs a multi-threaded tokio runtime.
+    /// begins dialling and accepting. Runs on a multi-threaded or a
+    /// current-thread tokio runtime (see the crate docs, "Runtime").
     pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
         let identity = Identity::load(&config.data_dir)?;
-        let replica = tokio::task::block_in_place(|| {
+        let replica = crate::runtime::blocking(|| {
             Replica::open_with(
                 store_path(&config.data_dir),
                 config.storage.replica_options(),

@@ -1,7 +1,8 @@
 //! One peer connection: a QUIC bidirectional stream carrying a sync
 //! [`Session`]. The task feeds the session what it reads, the feed's
-//! progress and its timers, and writes what it produces; redb work runs in
-//! `block_in_place`, off the reactor's other tasks. It reads only while the
+//! progress and its timers, and writes what it produces; redb work runs
+//! off the reactor's other tasks where the runtime has other threads
+//! ([`crate::runtime::blocking`]). It reads only while the
 //! session wants input, so a slow peer slows us instead of growing buffers.
 
 use std::sync::Arc;
@@ -129,7 +130,7 @@ pub(crate) async fn run_session(
         // Everything that may touch redb, in one go off the reactor: what
         // woke us, then pulling what the session has to send.
         let handling = matches!(wake, Wake::Handle);
-        tokio::task::block_in_place(|| {
+        crate::runtime::blocking(|| {
             let at = now(context.started);
             match wake {
                 Wake::Start => {}
@@ -221,7 +222,7 @@ pub(crate) async fn run_session(
                 context.limits.stall_timeout_secs
             );
             warn!(%peer, %reason, "closing the connection");
-            tokio::task::block_in_place(|| {
+            crate::runtime::blocking(|| {
                 session.close(&replica, ErrorCode::Timeout, &reason);
             });
             while let Some(event) = session.poll_event() {
@@ -237,7 +238,7 @@ pub(crate) async fn run_session(
                 context.limits.handshake_timeout_secs
             );
             warn!(%peer, %reason, "closing the connection");
-            tokio::task::block_in_place(|| {
+            crate::runtime::blocking(|| {
                 session.close(&replica, ErrorCode::Timeout, &reason);
             });
             outcome.reason = Some(reason);

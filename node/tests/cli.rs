@@ -1,5 +1,5 @@
 //! The `concord` binary: `init`, `id`, `run` (run.json, clean exit on
-//! SIGTERM, syncing with another process), and `demo`. Real processes on
+//! SIGTERM, syncing with another process, on either runtime), and `demo`. Real processes on
 //! 127.0.0.1; every wait is bounded and every child is killed on the way out.
 
 mod support;
@@ -65,7 +65,11 @@ fn two_processes_sync_and_exit_cleanly() {
     // locked while a node runs).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let b = Concord::start(&b_dir, &[format!("--peer={peer}")]);
+        // b on the current-thread runtime, a on the default one.
+        let b = Concord::start(
+            &b_dir,
+            &[format!("--peer={peer}"), "--runtime=current-thread".into()],
+        );
         std::thread::sleep(Duration::from_secs(1));
         let status = b.terminate();
         assert!(status.success(), "b exited with {status}");

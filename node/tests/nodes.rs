@@ -188,6 +188,40 @@ async fn a_peers_byte_counts_never_go_back_as_its_connection_closes() {
     b.shutdown().await;
 }
 
+/// Both nodes on one current-thread runtime: their redb work runs inline
+/// (no `block_in_place`, which that flavour refuses), the two sessions take
+/// turns on the one thread, and they still sync both ways, converge after
+/// offline edits and shut down.
+#[tokio::test(flavor = "current_thread")]
+async fn nodes_on_a_current_thread_runtime_sync_and_converge() {
+    let (a, b) = (spec(), spec());
+    let (a_peer, b_peer) = (a.peer(false), b.peer(true));
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    let (a, _a_dir) = a.start(vec![b_peer]).await;
+    let doc = write(a.replica(), None, "from_a", 1);
+    eventually("b has a's document", || {
+        value(b.replica(), doc)["from_a"] == 1
+    })
+    .await;
+    write(b.replica(), Some(doc), "from_b", 2);
+    eventually("a has b's change", || {
+        value(a.replica(), doc)["from_b"] == 2
+    })
+    .await;
+    a.set_online(false);
+    eventually("b sees a gone", || !b.is_connected(&a.node_id())).await;
+    write(a.replica(), Some(doc), "offline_a", 3);
+    write(b.replica(), Some(doc), "offline_b", 4);
+    a.set_online(true);
+    eventually("both hold both edits", || {
+        let (va, vb) = (value(a.replica(), doc), value(b.replica(), doc));
+        va == vb && va["offline_a"] == 3 && va["offline_b"] == 4
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_declining_compression_syncs_with_one_offering_it() {
     let (a, b) = (spec(), spec());
