@@ -25,17 +25,18 @@
 //! workloads report from A going online, with the setup's figures under
 //! `setup`. `--runs N` prints medians; each run has a fresh A process as
 //! well as a fresh B, so each process's peak RSS and CPU are one run's.
-//! `RUST_LOG` logs both processes to stderr.
+//! `RUST_LOG` logs both processes to stderr. `--runtime current-thread`
+//! runs both nodes on current-thread tokio runtimes instead of the default
+//! multi-threaded ones (the `concord-node` crate docs, "Runtime").
 //!
 //! ```sh
-//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|W3|W3cold|W5|all] [--changes N] [--docs N] [--runs N]
+//! cargo bench -p concord-node --bench bulk -- [--workload W1|W1hot|W2|W3|W3cold|W5|all] [--changes N] [--docs N] [--runs N] [--runtime multi-thread|current-thread]
 //! ```
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use concord_core::automerge::ROOT;
@@ -45,7 +46,10 @@ use concord_node::identity::Identity;
 use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
-use support::{Reaped, arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
+use support::{
+    RUNTIME, Reaped, arg, async_lines, cpu_seconds, lines_of, nanos, peak_rss_kib,
+    run_in_process_a, runtime, runtime_flavour,
+};
 
 const ROLE: &str = "CONCORD_BULK_ROLE";
 
@@ -58,10 +62,7 @@ fn role_b() {
         .expect("peer")
         .parse()
         .expect("peer id");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let config = {
             let mut c = NodeConfig::new(&dir, "127.0.0.1:0".parse().expect("addr"));
@@ -273,7 +274,7 @@ fn write(replica: &Replica, workload: Workload, changes: u64, docs: u64) -> Vec<
 struct ProcessB {
     child: Reaped,
     stdin: std::process::ChildStdin,
-    lines: mpsc::Receiver<String>,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     addr: SocketAddr,
 }
 
@@ -283,6 +284,7 @@ impl ProcessB {
         let mut child = Reaped(
             Command::new(std::env::current_exe().expect("exe"))
                 .env(ROLE, "b")
+                .env(RUNTIME, runtime_flavour())
                 .env("CONCORD_BULK_DIR", dir)
                 .env("CONCORD_BULK_PEER", a.to_string())
                 .stdin(Stdio::piped())
@@ -303,7 +305,7 @@ impl ProcessB {
         Self {
             child,
             stdin,
-            lines,
+            lines: async_lines(lines),
             addr,
         }
     }
@@ -313,15 +315,18 @@ impl ProcessB {
         self.stdin.flush().expect("flush");
     }
 
-    /// B's next line, waiting off the async reactor.
-    fn line(&self) -> String {
-        tokio::task::block_in_place(|| self.lines.recv_timeout(Duration::from_secs(660)))
-            .expect("B answers")
+    /// B's next line, waiting without blocking the runtime (A's node may
+    /// run on this very thread).
+    async fn line(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(660), self.lines.recv()).await {
+            Ok(Some(line)) => line,
+            _ => panic!("B does not answer"),
+        }
     }
 
     /// Tells B the heads `replica` holds of `docs`, then waits for it to
     /// have them all: when it did, by the shared clock.
-    fn want_all(&mut self, replica: &Replica, docs: &[DocId]) -> u128 {
+    async fn want_all(&mut self, replica: &Replica, docs: &[DocId]) -> u128 {
         {
             let snapshot = replica.read().expect("read");
             let mut out = std::io::BufWriter::new(&mut self.stdin);
@@ -333,12 +338,12 @@ impl ProcessB {
             out.flush().expect("flush");
         }
         self.stdin.flush().expect("flush");
-        self.done_at()
+        self.done_at().await
     }
 
-    fn done_at(&self) -> u128 {
+    async fn done_at(&mut self) -> u128 {
         loop {
-            let l = self.line();
+            let l = self.line().await;
             let parts: Vec<&str> = l.split_whitespace().collect();
             match parts.as_slice() {
                 ["DONE", at] => break at.parse::<u128>().expect("time"),
@@ -349,9 +354,9 @@ impl ProcessB {
     }
 
     /// B changes `doc` (a durable commit); its heads after.
-    fn edit(&mut self, doc: DocId) -> Heads {
+    async fn edit(&mut self, doc: DocId) -> Heads {
         self.tell(&format!("EDIT {doc}"));
-        let l = self.line();
+        let l = self.line().await;
         let parts: Vec<&str> = l.split_whitespace().collect();
         match parts.as_slice() {
             ["HEADS", d, heads] if *d == doc.to_string() => heads.parse().expect("heads"),
@@ -360,10 +365,10 @@ impl ProcessB {
     }
 
     /// Stops B: its peak RSS (KiB) and CPU seconds.
-    fn end(mut self) -> (f64, f64) {
+    async fn end(mut self) -> (f64, f64) {
         self.tell("END");
         let usage = loop {
-            let l = self.line();
+            let l = self.line().await;
             let parts: Vec<&str> = l.split_whitespace().collect();
             if let ["RSS", rss, "CPU", cpu] = parts.as_slice() {
                 break (rss.parse().unwrap_or(0.0), cpu.parse().unwrap_or(0.0));
@@ -419,10 +424,10 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 /// then A goes online; how long until each has the other's edits, and what
 /// crossed the connection meanwhile.
 async fn reconnect(a: &Node, b: &mut ProcessB, b_id: NodeId, written: &[DocId]) -> Reconnect {
-    let b_heads: HashMap<DocId, Heads> = written[10..20]
-        .iter()
-        .map(|doc| (*doc, b.edit(*doc)))
-        .collect();
+    let mut b_heads: HashMap<DocId, Heads> = HashMap::new();
+    for doc in &written[10..20] {
+        b_heads.insert(*doc, b.edit(*doc).await);
+    }
     for doc in &written[..10] {
         set(a.replica(), *doc, "edited_on_a", 1);
     }
@@ -452,7 +457,7 @@ async fn reconnect(a: &Node, b: &mut ProcessB, b_id: NodeId, written: &[DocId]) 
             .expect("wait");
     assert_eq!(missing, 0, "A never got B's offline edits");
     let a_has_b = nanos();
-    let b_has_a = b.done_at();
+    let b_has_a = b.done_at().await;
     // Let the exchange finish (the last answers), so the bytes and
     // messages are the whole reconnection's.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -483,10 +488,7 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
     let b_identity = Identity::create_in(&b_dir).expect("b identity");
     let b_id = b_identity.node_id();
     let mut b = ProcessB::spawn(&b_dir, a_identity.node_id());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let mut a = start_a(&a_dir, b_id, b.addr, false).await;
         until("A connected to B", || a.is_connected(&b_id)).await;
@@ -496,7 +498,7 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
             .await
             .expect("writes");
         let local_done = nanos();
-        let done = b.want_all(a.replica(), &written);
+        let done = b.want_all(a.replica(), &written).await;
         let peer = a.status().peers.first().cloned().expect("peer status");
         let mut figures = Figures {
             local_ms: (local_done - started) as f64 / 1e6,
@@ -513,7 +515,7 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
                 // Both stop and start again from their stores, A offline;
                 // the figures are then the restarted processes'.
                 a.shutdown().await;
-                let _ = b.end();
+                let _ = b.end().await;
                 let _ = std::fs::write("/proc/self/clear_refs", "5");
                 b = ProcessB::spawn(&b_dir, a_identity.node_id());
                 a = start_a(&a_dir, b_id, b.addr, true).await;
@@ -523,7 +525,7 @@ fn run(workload: Workload, changes: u64, docs: u64) -> Figures {
         a.shutdown().await;
         figures.rss_a_kib = peak_rss_kib().unwrap_or(0) as f64;
         figures.cpu_a = cpu_seconds().unwrap_or(0.0) - cpu_before;
-        (figures.rss_b_kib, figures.cpu_b) = b.end();
+        (figures.rss_b_kib, figures.cpu_b) = b.end().await;
         figures
     })
 }
@@ -611,6 +613,7 @@ fn main() {
         serde_json::json!({
             "workload": workload.name(),
             "runs": runs,
+            "runtime": runtime_flavour(),
             "documents": documents,
             "offline_edits": { "a": 10, "b": 10 },
             "a_has_b_ms": r(|x| x.a_has_b_ms),
@@ -635,6 +638,7 @@ fn main() {
         serde_json::json!({
             "workload": workload.name(),
             "runs": runs,
+            "runtime": runtime_flavour(),
             "changes": changes,
             "documents": documents,
             "local_ms": m(|f| f.local_ms),

@@ -12,12 +12,14 @@
 //! interval, timed alone (`disk_floor`). A durable commit after the disk
 //! has idled for an interval takes longer than one of a busy stream (C1),
 //! and W4 waits for one on B; the floor shows what of the latency is the
-//! disk's. Prints one JSON line; with `--runs N`, each run in a fresh
+//! disk's. `--runtime current-thread` runs both nodes on current-thread
+//! tokio runtimes instead of the default multi-threaded ones (the
+//! `concord-node` crate docs, "Runtime"). Prints one JSON line; with `--runs N`, each run in a fresh
 //! process A (and B), the medians of the runs' figures, and every run's p50
 //! and p99.
 //!
 //! ```sh
-//! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10] [--runs N]
+//! cargo bench -p concord-node --bench w4 -- [--changes 1000] [--interval-ms 10] [--runs N] [--runtime multi-thread|current-thread]
 //! ```
 
 use std::io::Write;
@@ -33,7 +35,10 @@ use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
 use support::raw::RawRows;
-use support::{Reaped, arg, cpu_seconds, lines_of, nanos, peak_rss_kib, run_in_process_a};
+use support::{
+    RUNTIME, Reaped, arg, async_lines, cpu_seconds, lines_of, nanos, peak_rss_kib,
+    run_in_process_a, runtime, runtime_flavour,
+};
 
 const ROLE: &str = "CONCORD_W4_ROLE";
 
@@ -117,27 +122,6 @@ fn role_b() {
         let _ = tokio::task::spawn_blocking(move || reporter.join()).await;
         node.shutdown().await;
     });
-}
-
-/// `--runtime`: the tokio runtime both nodes run on, `multi-thread`
-/// (one worker a core, as the `concord` binary's) or `current-thread`.
-/// Process B is told in its environment.
-const RUNTIME: &str = "CONCORD_W4_RUNTIME";
-
-fn runtime_flavour() -> String {
-    std::env::var(RUNTIME)
-        .ok()
-        .or_else(|| arg("--runtime"))
-        .unwrap_or_else(|| "multi-thread".into())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    let mut builder = match runtime_flavour().as_str() {
-        "current-thread" => tokio::runtime::Builder::new_current_thread(),
-        "multi-thread" => tokio::runtime::Builder::new_multi_thread(),
-        other => panic!("--runtime {other}: expected current-thread or multi-thread"),
-    };
-    builder.enable_all().build().expect("runtime")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -253,22 +237,6 @@ fn medians(reports: &[serde_json::Value]) -> serde_json::Value {
         "durable_commits": first["durable_commits"],
         "runtime": first["runtime"],
     })
-}
-
-/// B's lines, for A's async code: on a current-thread runtime A's node
-/// runs on the thread that waits for them, so the wait must not block it.
-fn async_lines(
-    lines: std::sync::mpsc::Receiver<String>,
-) -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in lines {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// B's next line, waiting at most 30 s.

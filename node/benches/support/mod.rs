@@ -73,6 +73,44 @@ pub fn lines_of(stdout: ChildStdout) -> mpsc::Receiver<String> {
     lines
 }
 
+/// The lines of [`lines_of`], for async code: where a node runs on a
+/// current-thread runtime, the thread that waits for them runs the node
+/// too, so the wait must not block it.
+pub fn async_lines(lines: mpsc::Receiver<String>) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The environment variable that tells process B the runtime flavour.
+pub const RUNTIME: &str = "CONCORD_BENCH_RUNTIME";
+
+/// `--runtime`: the tokio runtime both nodes run on, `multi-thread` (the
+/// default: one worker a core, as the `concord` binary's) or
+/// `current-thread`. Process B reads it from [`RUNTIME`].
+pub fn runtime_flavour() -> String {
+    std::env::var(RUNTIME)
+        .ok()
+        .or_else(|| arg("--runtime"))
+        .unwrap_or_else(|| "multi-thread".into())
+}
+
+/// A runtime of [`runtime_flavour`].
+pub fn runtime() -> tokio::runtime::Runtime {
+    let mut builder = match runtime_flavour().as_str() {
+        "current-thread" => tokio::runtime::Builder::new_current_thread(),
+        "multi-thread" => tokio::runtime::Builder::new_multi_thread(),
+        other => panic!("--runtime {other}: expected current-thread or multi-thread"),
+    };
+    builder.enable_all().build().expect("runtime")
+}
+
 /// Runs this program again with the same flags and `role` = `"a"` in its
 /// environment, as process A of one run of its own (so A's peak RSS and CPU
 /// are that run's alone), and returns the last line it prints: its report.
