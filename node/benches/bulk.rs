@@ -47,7 +47,7 @@ use concord_node::{Node, NodeConfig, PeerConfig};
 
 mod support;
 use support::{
-    RUNTIME, Reaped, arg, async_lines, cpu_seconds, lines_of, nanos, peak_rss_kib,
+    RUNTIME, Reaped, arg, async_lines, cpu_seconds, lines_of, nanos, next_line, peak_rss_kib,
     run_in_process_a, runtime, runtime_flavour,
 };
 
@@ -284,7 +284,7 @@ impl ProcessB {
         let mut child = Reaped(
             Command::new(std::env::current_exe().expect("exe"))
                 .env(ROLE, "b")
-                .env(RUNTIME, runtime_flavour())
+                .env(RUNTIME, runtime_flavour().name())
                 .env("CONCORD_BULK_DIR", dir)
                 .env("CONCORD_BULK_PEER", a.to_string())
                 .stdin(Stdio::piped())
@@ -318,10 +318,9 @@ impl ProcessB {
     /// B's next line, waiting without blocking the runtime (A's node may
     /// run on this very thread).
     async fn line(&mut self) -> String {
-        match tokio::time::timeout(Duration::from_secs(660), self.lines.recv()).await {
-            Ok(Some(line)) => line,
-            _ => panic!("B does not answer"),
-        }
+        next_line(&mut self.lines, Duration::from_secs(660))
+            .await
+            .expect("B answers")
     }
 
     /// Tells B the heads `replica` holds of `docs`, then waits for it to
@@ -613,7 +612,7 @@ fn main() {
         serde_json::json!({
             "workload": workload.name(),
             "runs": runs,
-            "runtime": runtime_flavour(),
+            "runtime": runtime_flavour().name(),
             "documents": documents,
             "offline_edits": { "a": 10, "b": 10 },
             "a_has_b_ms": r(|x| x.a_has_b_ms),
@@ -638,7 +637,7 @@ fn main() {
         serde_json::json!({
             "workload": workload.name(),
             "runs": runs,
-            "runtime": runtime_flavour(),
+            "runtime": runtime_flavour().name(),
             "changes": changes,
             "documents": documents,
             "local_ms": m(|f| f.local_ms),

@@ -36,7 +36,7 @@ use concord_node::{Node, NodeConfig, PeerConfig};
 mod support;
 use support::raw::RawRows;
 use support::{
-    RUNTIME, Reaped, arg, async_lines, cpu_seconds, lines_of, nanos, peak_rss_kib,
+    RUNTIME, Reaped, arg, async_lines, cpu_seconds, lines_of, nanos, next_line, peak_rss_kib,
     run_in_process_a, runtime, runtime_flavour,
 };
 
@@ -241,10 +241,9 @@ fn medians(reports: &[serde_json::Value]) -> serde_json::Value {
 
 /// B's next line, waiting at most 30 s.
 async fn next(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) -> String {
-    match tokio::time::timeout(Duration::from_secs(30), lines.recv()).await {
-        Ok(Some(line)) => line,
-        _ => panic!("B said nothing while {what}"),
-    }
+    next_line(lines, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("B said nothing while {what}"))
 }
 
 /// One run: process A here, B a process of its own. Returns the report.
@@ -277,7 +276,7 @@ fn run() -> serde_json::Value {
         let mut b = Reaped(
             Command::new(std::env::current_exe().expect("exe"))
                 .env(ROLE, "b")
-                .env(RUNTIME, runtime_flavour())
+                .env(RUNTIME, runtime_flavour().name())
                 .env("CONCORD_W4_DIR", &b_dir)
                 .env("CONCORD_W4_PEER", a_identity.node_id().to_string())
                 .env("CONCORD_W4_DOC", doc.to_string())
@@ -326,8 +325,7 @@ fn run() -> serde_json::Value {
         let mut b_cpu = 0f64;
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(30), lines.recv()).await
-            else {
+            let Some(line) = next_line(&mut lines, Duration::from_secs(30)).await else {
                 break;
             };
             let parts: Vec<&str> = line.split_whitespace().collect();
@@ -396,7 +394,7 @@ fn run() -> serde_json::Value {
             "peak_rss_kib": { "a": peak_rss_kib(), "b": b_rss },
             "cpu_seconds": { "a": cpu_seconds(), "b": b_cpu },
             "durable_commits": "both sides (redb two-phase commit, fsync)",
-            "runtime": runtime_flavour(),
+            "runtime": runtime_flavour().name(),
         })
     });
     drop(tmp);

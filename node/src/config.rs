@@ -68,17 +68,32 @@ impl RuntimeFlavour {
     }
 }
 
+impl RuntimeFlavour {
+    /// Its name in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MultiThread => "multi-thread",
+            Self::CurrentThread => "current-thread",
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeFlavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for RuntimeFlavour {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "multi-thread" => Ok(Self::MultiThread),
-            "current-thread" => Ok(Self::CurrentThread),
-            other => Err(format!(
-                "unknown runtime {other:?}: expected \"multi-thread\" or \"current-thread\""
-            )),
-        }
+        [Self::MultiThread, Self::CurrentThread]
+            .into_iter()
+            .find(|flavour| flavour.name() == s)
+            .ok_or_else(|| {
+                format!("unknown runtime {s:?}: expected \"multi-thread\" or \"current-thread\"")
+            })
     }
 }
 
@@ -260,6 +275,9 @@ id = "{id}"
         );
         let err = "single".parse::<RuntimeFlavour>().expect_err("unknown");
         assert!(err.contains("current-thread"), "{err}");
+        for flavour in [RuntimeFlavour::MultiThread, RuntimeFlavour::CurrentThread] {
+            assert_eq!(flavour.to_string().parse::<RuntimeFlavour>(), Ok(flavour));
+        }
         for flavour in [RuntimeFlavour::MultiThread, RuntimeFlavour::CurrentThread] {
             let runtime = flavour.build().expect("builds");
             assert_eq!(runtime.block_on(async { 2 + 2 }), 4);

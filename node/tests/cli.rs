@@ -46,6 +46,22 @@ fn has_doc(dir: &Path, id: DocId) -> bool {
         .unwrap_or(false)
 }
 
+/// Threads of the process of `run` (its run.json) named as tokio names its
+/// runtime's threads ("tokio-rt-worker"): a multi-threaded runtime's
+/// workers. A current-thread runtime has none until something asks for a
+/// blocking thread (nothing does while a node only syncs).
+fn runtime_workers(run: &serde_json::Value) -> usize {
+    let pid = run["pid"].as_u64().expect("pid");
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.trim_end() == "tokio-rt-worker")
+        })
+        .count()
+}
+
 #[test]
 fn two_processes_sync_and_exit_cleanly() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -58,6 +74,10 @@ fn two_processes_sync_and_exit_cleanly() {
     let run = a.run.clone();
     assert_eq!(run["node_id"], a_id.as_str());
     assert!(run["pid"].as_u64().is_some());
+    assert!(
+        runtime_workers(&run) >= 1,
+        "a is not on a multi-threaded runtime"
+    );
     let a_addr = run["quic_addr"].as_str().expect("quic_addr").to_string();
     let peer = format!("{a_id}@{a_addr}");
 
@@ -69,6 +89,11 @@ fn two_processes_sync_and_exit_cleanly() {
         let b = Concord::start(
             &b_dir,
             &[format!("--peer={peer}"), "--runtime=current-thread".into()],
+        );
+        assert_eq!(
+            runtime_workers(&b.run),
+            0,
+            "b is on a multi-threaded runtime"
         );
         std::thread::sleep(Duration::from_secs(1));
         let status = b.terminate();

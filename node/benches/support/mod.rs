@@ -5,7 +5,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use concord_node::config::RuntimeFlavour;
 
 #[path = "../../../core/benches/support/process.rs"]
 mod process;
@@ -92,23 +94,31 @@ pub fn async_lines(lines: mpsc::Receiver<String>) -> tokio::sync::mpsc::Unbounde
 pub const RUNTIME: &str = "CONCORD_BENCH_RUNTIME";
 
 /// `--runtime`: the tokio runtime both nodes run on, `multi-thread` (the
-/// default: one worker a core, as the `concord` binary's) or
-/// `current-thread`. Process B reads it from [`RUNTIME`].
-pub fn runtime_flavour() -> String {
+/// default, as the `concord` binary's) or `current-thread`. Process B reads
+/// it from [`RUNTIME`].
+pub fn runtime_flavour() -> RuntimeFlavour {
     std::env::var(RUNTIME)
         .ok()
         .or_else(|| arg("--runtime"))
-        .unwrap_or_else(|| "multi-thread".into())
+        .map(|name| name.parse().unwrap_or_else(|e| panic!("--runtime: {e}")))
+        .unwrap_or_default()
 }
 
 /// A runtime of [`runtime_flavour`].
 pub fn runtime() -> tokio::runtime::Runtime {
-    let mut builder = match runtime_flavour().as_str() {
-        "current-thread" => tokio::runtime::Builder::new_current_thread(),
-        "multi-thread" => tokio::runtime::Builder::new_multi_thread(),
-        other => panic!("--runtime {other}: expected current-thread or multi-thread"),
-    };
-    builder.enable_all().build().expect("runtime")
+    runtime_flavour().build().expect("runtime")
+}
+
+/// The next line of [`async_lines`], waiting at most `wait` without
+/// blocking the runtime; `None` once the wait or the lines are over.
+pub async fn next_line(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    wait: Duration,
+) -> Option<String> {
+    tokio::time::timeout(wait, lines.recv())
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Runs this program again with the same flags and `role` = `"a"` in its
