@@ -11,9 +11,11 @@
 //! `--history 100,1000,5000`).
 //!
 //! automerge 0.12 applies received changes in a batch that walks every op of
-//! the object they touch, so both figures grow with the history: that is
-//! what a document with a long-lived hot key costs its receivers. Nothing is
-//! asserted.
+//! the object they touch, so its figure grows with the history: that is what
+//! a document with a long-lived hot key would cost its receivers. Concord
+//! replays such a change (made on the receiver's heads, setting a map key) as
+//! a local transaction and checks its hash (`replay` in the crate), so its
+//! figure stays flat. Nothing is asserted.
 //!
 //! ```sh
 //! cargo bench -p concord-core --bench apply -- [--history 100,1000,5000] [--sample 100]

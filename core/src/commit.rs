@@ -28,6 +28,7 @@ use crate::contain;
 use crate::document;
 use crate::error::{ApplyError, CommitError, DocError, StorageError};
 use crate::feed::{CommitEvent, DocChange, Origin};
+use crate::replay;
 use crate::replica::Shared;
 use crate::store::{self, ChainError, DocRow, LogEntry};
 use crate::{DocId, Heads, NodeId};
@@ -897,7 +898,25 @@ fn prepare_remote_doc(
     }
     let mut doc = owned(doc);
     let before = Heads::new(doc.get_heads());
-    if let Err(reason) = contain::apply(&mut doc, candidates.clone()) {
+    // Changes made on exactly this state go in as local transactions, in
+    // time independent of the document's history (see `replay`).
+    let replayed = match replay::replay(&mut doc, &candidates) {
+        Ok(replayed) => replayed,
+        Err(replay::Diverged) => {
+            tracing::warn!(%id, "a replayed change came out different; applying to a fresh copy");
+            doc = if row.heads.is_empty() {
+                Automerge::new()
+            } else {
+                tables
+                    .load(id, &row)
+                    .map_err(|e| RequestError::Apply(e.into()))?
+            };
+            0
+        }
+    };
+    if replayed < candidates.len()
+        && let Err(reason) = contain::apply(&mut doc, candidates[replayed..].to_vec())
+    {
         return Err(RequestError::Apply(ApplyError::Refused { id, reason }));
     }
     let (applied, waiting): (Vec<Change>, Vec<Change>) = candidates

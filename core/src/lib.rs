@@ -64,7 +64,15 @@
 //! - [`Replica::apply`] stores changes received from elsewhere (changes or a
 //!   whole saved document, for any number of documents) in one durable
 //!   transaction. It is idempotent, and changes whose dependencies have not
-//!   arrived are kept and applied once they do.
+//!   arrived are kept and applied once they do. A received change made on
+//!   exactly the document's current state that only sets or deletes map
+//!   keys (a live peer's usual edit) goes in as a local transaction with
+//!   the change's actor, time and message, kept only when it hashes to the
+//!   change received. That costs the same whatever the key's history,
+//!   while automerge's `apply_changes` walks all of it: for a key set 5,000
+//!   times, 53 µs a change through [`Replica::apply`] (in memory), where
+//!   `apply_changes` alone takes 497 µs. Every other change is applied by
+//!   automerge.
 //! - [`ops`] applies the JSON edits of the HTTP API to a document; [`json`]
 //!   reads a document back as JSON.
 //!
@@ -105,6 +113,7 @@ pub mod inflate;
 pub mod json;
 pub mod ops;
 mod peer;
+mod replay;
 mod replica;
 mod snapshot;
 mod store;
