@@ -396,6 +396,100 @@ mod tests {
         }
     }
 
+    /// One edit of a received change's expanded form.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        StartOp(i8),
+        Seq(i8),
+        Time(i64),
+        Message(Option<String>),
+        Actor(u8),
+        DropPred(usize),
+        Key(usize, String),
+        Value(usize, i64),
+        Deps(bool),
+        Swap,
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            any::<i8>().prop_map(Mutation::StartOp),
+            any::<i8>().prop_map(Mutation::Seq),
+            any::<i64>().prop_map(Mutation::Time),
+            proptest::option::of("[a-z]{0,3}").prop_map(Mutation::Message),
+            (1..4u8).prop_map(Mutation::Actor),
+            (0..3usize).prop_map(Mutation::DropPred),
+            (0..3usize, "k[0-3]|m|c|l").prop_map(|(i, k)| Mutation::Key(i, k)),
+            (0..3usize, any::<i64>()).prop_map(|(i, v)| Mutation::Value(i, v)),
+            any::<bool>().prop_map(Mutation::Deps),
+            Just(Mutation::Swap),
+        ]
+    }
+
+    fn mutate(e: &mut ExpandedChange, m: Mutation, other_head: automerge::ChangeHash) {
+        let n = e.operations.len();
+        match m {
+            Mutation::StartOp(d) => {
+                let start = e.start_op.get().saturating_add_signed(i64::from(d)).max(1);
+                e.start_op = std::num::NonZeroU64::new(start).unwrap_or(e.start_op);
+            }
+            Mutation::Seq(d) => e.seq = e.seq.saturating_add_signed(i64::from(d)).max(1),
+            Mutation::Time(t) => e.time = t,
+            Mutation::Message(m) => e.message = m,
+            Mutation::Actor(a) => e.actor_id = actor(a),
+            Mutation::DropPred(i) => e.operations[i % n].pred = automerge::legacy::SortedVec::new(),
+            Mutation::Key(i, k) => e.operations[i % n].key = automerge::legacy::Key::Map(k.into()),
+            Mutation::Value(i, v) => {
+                e.operations[i % n].action = automerge::legacy::OpType::Put(ScalarValue::Int(v))
+            }
+            Mutation::Deps(add) if add => e.deps.push(other_head),
+            Mutation::Deps(_) => e.deps.clear(),
+            Mutation::Swap => e.operations.reverse(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// However a change is tampered with, a replay either leaves the
+        /// document untouched, reports divergence (the caller then drops
+        /// the copy), or ends exactly where `apply_changes` does.
+        #[test]
+        fn a_tampered_change_is_replayed_only_if_it_is_what_applying_gives(
+            mutations in prop::collection::vec(mutation(), 0..4),
+            keys in prop::collection::vec(0..4u8, 1..3),
+        ) {
+            let mut writer = base();
+            let mut tx = writer.transaction();
+            tx.put(ROOT, "k1", 1).expect("put");
+            tx.commit();
+            let receiver = Automerge::load(&writer.save()).expect("loads");
+            let first_head = base().get_heads()[0];
+            let mut tx = writer.transaction();
+            for key in &keys {
+                tx.put(ROOT, format!("k{key}"), 100 + i64::from(*key)).expect("put");
+            }
+            tx.commit();
+            let honest = missing(&writer, &receiver).remove(0);
+            let change = crafted(&honest, |e| {
+                for m in mutations {
+                    mutate(e, m, first_head);
+                }
+            });
+            let mut applied = receiver.clone();
+            let reference = contain::contained(|| applied.apply_changes([change.clone()]));
+            let mut doc = receiver.clone();
+            match replay(&mut doc, std::slice::from_ref(&change)) {
+                Ok(0) => prop_assert_eq!(doc.get_heads(), receiver.get_heads()),
+                Ok(_) => {
+                    prop_assert!(matches!(reference, Ok(Ok(()))), "replayed what automerge refuses");
+                    same(&doc, &applied);
+                }
+                Err(Diverged) => {}
+            }
+        }
+    }
+
     /// What two writers do to their copies of one document.
     #[derive(Debug, Clone)]
     enum Step {
