@@ -8,7 +8,8 @@
 //! For the last `--sample` changes it times B's `apply`, and automerge's own
 //! `apply_changes` of the same change to a bare copy of the document, and
 //! prints one JSON line of medians per history length (several lengths, as
-//! `--history 100,1000,5000`).
+//! `--history 100,1000,5000`), with how many of B's received changes went in
+//! by replay (`Replica::changes_replayed`).
 //!
 //! automerge 0.12 applies received changes in a batch that walks every op of
 //! the object they touch, so its figure grows with the history: that is what
@@ -61,7 +62,7 @@ fn last_change(
     changes.remove(0)
 }
 
-fn measure(history: u64, sample: u64) -> (f64, f64) {
+fn measure(history: u64, sample: u64) -> (f64, f64, u64) {
     let a = Replica::in_memory().expect("replica a");
     let b = Replica::in_memory().expect("replica b");
     let mut tx = a.begin().expect("begin");
@@ -102,17 +103,21 @@ fn measure(history: u64, sample: u64) -> (f64, f64) {
             concord.push(started.elapsed().as_nanos());
         }
     }
-    (median_us(concord), median_us(automerge))
+    (
+        median_us(concord),
+        median_us(automerge),
+        b.changes_replayed(),
+    )
 }
 
 fn main() {
     let args = args();
     for &history in &args.histories {
         let sample = args.sample.clamp(1, history.max(1));
-        let (concord, automerge) = measure(history, sample);
+        let (concord, automerge, replayed) = measure(history, sample);
         println!(
             "{{\"workload\":\"apply\",\"history\":{history},\"sampled\":{sample},\
-             \"concord_apply_us\":{concord:.1},\"automerge_apply_changes_us\":{automerge:.1},\
+             \"concord_apply_us\":{concord:.1},\"replayed\":{replayed},\"automerge_apply_changes_us\":{automerge:.1},\
              \"store\":\"in memory (CPU only)\"}}"
         );
     }

@@ -901,8 +901,16 @@ fn prepare_remote_doc(
     // Changes made on exactly this state go in as local transactions, in
     // time independent of the document's history (see `replay`).
     let replayed = match replay::replay(&mut doc, &candidates) {
-        Ok(replayed) => replayed,
+        Ok(replayed) => {
+            let counted = u64::try_from(replayed).unwrap_or(u64::MAX);
+            shared
+                .replays
+                .replayed
+                .fetch_add(counted, Ordering::Relaxed);
+            replayed
+        }
         Err(replay::Diverged) => {
+            shared.replays.diverged.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%id, "a replayed change came out different; applying to a fresh copy");
             doc = if row.heads.is_empty() {
                 Automerge::new()

@@ -25,6 +25,8 @@ use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ObjId, ObjType, ReadDoc, ScalarValue};
 
+use std::sync::atomic::AtomicU64;
+
 use crate::contain;
 
 /// The most changes replayed in one call. For a batch, `apply_changes`
@@ -41,6 +43,16 @@ pub(crate) const MAX_REPLAYED: usize = 16;
 /// trial) none did, once a key may appear only once in a replayed change.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Diverged;
+
+/// What replaying has done in one replica ([`crate::Replica::changes_replayed`],
+/// [`crate::Replica::replays_diverged`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    /// Received changes that went in as local transactions.
+    pub(crate) replayed: AtomicU64,
+    /// Replays that made another change, each followed by a reload.
+    pub(crate) diverged: AtomicU64,
+}
 
 /// Replays `changes`, from the first, for as long as each can be replayed,
 /// and returns how many were. The rest are untouched, for `apply_changes`.
@@ -368,6 +380,13 @@ mod tests {
                 Some(writer.get_heads())
             );
         }
+        // The first send creates the document (nothing to follow): the
+        // other 19 went through the replay, on the second replica each
+        // diverging and recovered from.
+        assert_eq!(replicas[0].changes_replayed(), 19);
+        assert_eq!(replicas[0].replays_diverged(), 0);
+        assert_eq!(replicas[1].changes_replayed(), 0);
+        assert_eq!(replicas[1].replays_diverged(), 19);
         let saved = replicas.map(|r| {
             r.read()
                 .expect("read")

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use automerge::Change;
 use redb::ReadableDatabase;
@@ -14,6 +15,7 @@ use crate::contain;
 use crate::error::{ApplyError, CommitError, OpenError, StorageError};
 use crate::feed::{CommitEvent, CommitHook, Origin, Subscribers, Subscription};
 use crate::inflate::{self, MAX_INFLATED_BYTES};
+use crate::replay;
 use crate::snapshot::Snapshot;
 use crate::store::{self, StoreConfig};
 use crate::transaction::{Receipt, Transaction, Writes};
@@ -145,6 +147,7 @@ pub(crate) struct Shared {
     pub(crate) actors: Arc<ActorPool>,
     pub(crate) options: ReplicaOptions,
     pub(crate) clock: Clock,
+    pub(crate) replays: replay::Counts,
 }
 
 /// Data for one document received from elsewhere (a peer, a file, an
@@ -267,6 +270,7 @@ impl Replica {
                 actors: Arc::new(ActorPool::new(seed)),
                 clock: Arc::clone(&options.clock),
                 options,
+                replays: replay::Counts::default(),
             }),
         }
     }
@@ -417,6 +421,21 @@ impl Replica {
     /// document from the store: a snapshot and the changes logged since).
     pub fn cache_misses(&self) -> u64 {
         self.shared.cache.misses()
+    }
+
+    /// Received changes that [`Replica::apply`] stored by replaying them as
+    /// local transactions (made on the document's current state, setting or
+    /// deleting map keys) rather than through automerge's `apply_changes`,
+    /// whose cost grows with each key's history.
+    pub fn changes_replayed(&self) -> u64 {
+        self.shared.replays.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Replays that made a change other than the one received, so that the
+    /// document was reloaded and the changes applied by automerge instead.
+    /// Only a crafted change can cause one.
+    pub fn replays_diverged(&self) -> u64 {
+        self.shared.replays.diverged.load(Ordering::Relaxed)
     }
 
     /// The options this replica was opened with.
