@@ -900,26 +900,32 @@ fn prepare_remote_doc(
     let before = Heads::new(doc.get_heads());
     // Changes made on exactly this state go in as local transactions, in
     // time independent of the document's history (see `replay`).
-    let replayed = match replay::replay(&mut doc, &candidates) {
-        Ok(replayed) => {
-            let counted = u64::try_from(replayed).unwrap_or(u64::MAX);
-            shared
-                .replays
-                .replayed
-                .fetch_add(counted, Ordering::Relaxed);
-            replayed
-        }
-        Err(replay::Diverged) => {
-            shared.replays.diverged.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%id, "a replayed change came out different; applying to a fresh copy");
-            doc = if row.heads.is_empty() {
-                Automerge::new()
-            } else {
-                tables
-                    .load(id, &row)
-                    .map_err(|e| RequestError::Apply(e.into()))?
-            };
-            0
+    let replays = &shared.replays;
+    let replayed = if !replays.allows(peer) {
+        0
+    } else {
+        match replay::replay(&mut doc, &candidates) {
+            Ok(replayed) => {
+                replays.replayed(replayed);
+                replayed
+            }
+            Err(replay::Diverged) => {
+                replays.diverged(peer);
+                tracing::warn!(
+                    %id,
+                    peer = ?peer,
+                    "a replayed change came out different; applying to a fresh copy, \
+                     and this origin's changes from now on"
+                );
+                doc = if row.heads.is_empty() {
+                    Automerge::new()
+                } else {
+                    tables
+                        .load(id, &row)
+                        .map_err(|e| RequestError::Apply(e.into()))?
+                };
+                0
+            }
         }
     };
     if replayed < candidates.len()

@@ -72,7 +72,11 @@
 //!   while automerge's `apply_changes` walks all of it: for a key set 5,000
 //!   times, 53 µs a change through [`Replica::apply`] (in memory), where
 //!   `apply_changes` alone takes 497 µs. Every other change is applied by
-//!   automerge. [`Replica::changes_replayed`] counts the replayed ones.
+//!   automerge. [`Replica::changes_replayed`] counts the replayed ones. A
+//!   replay that comes out different (a crafted change, or one encoded by
+//!   another automerge) is thrown away and the document reloaded; from then
+//!   on that origin's changes are applied, not replayed, so each origin
+//!   costs at most one reload ([`Replica::replays_diverged`]).
 //! - [`ops`] applies the JSON edits of the HTTP API to a document; [`json`]
 //!   reads a document back as JSON.
 //!

@@ -25,9 +25,11 @@ use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ObjId, ObjType, ReadDoc, ScalarValue};
 
-use std::sync::atomic::AtomicU64;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
-use crate::contain;
+use crate::{NodeId, contain};
 
 /// The most changes replayed in one call. For a batch, `apply_changes`
 /// walks each key once and is quicker past a few dozen changes: on the
@@ -44,14 +46,62 @@ pub(crate) const MAX_REPLAYED: usize = 16;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Diverged;
 
+/// The most origins [`Replays`] remembers as no longer replayed; past it,
+/// no change is replayed any more. A node's origins are its pinned peers,
+/// so only an application importing under many ids could reach it.
+const MAX_HALTED: usize = 1024;
+
 /// What replaying has done in one replica ([`crate::Replica::changes_replayed`],
-/// [`crate::Replica::replays_diverged`]).
+/// [`crate::Replica::replays_diverged`]), and whose changes it no longer
+/// replays.
+///
+/// A replay that diverges costs a reload of the document, linear in its
+/// size, on top of the apply. Only a crafted change gets there, or a
+/// writer whose automerge encodes a change differently from ours (another
+/// version, say): then every one of its changes would. So once a replay of
+/// an origin's changes diverges, that origin's changes are applied, never
+/// replayed, for as long as the replica is open: each origin costs at most
+/// one reload.
 #[derive(Debug, Default)]
-pub(crate) struct Counts {
+pub(crate) struct Replays {
     /// Received changes that went in as local transactions.
     pub(crate) replayed: AtomicU64,
     /// Replays that made another change, each followed by a reload.
     pub(crate) diverged: AtomicU64,
+    /// Origins (a peer; `None`: an import) a replay of whose changes
+    /// diverged, at most [`MAX_HALTED`].
+    halted: Mutex<HashSet<Option<NodeId>>>,
+    /// Set once `halted` is full: no origin is replayed.
+    halted_all: AtomicBool,
+}
+
+impl Replays {
+    /// Whether changes from `origin` may be replayed.
+    pub(crate) fn allows(&self, origin: Option<NodeId>) -> bool {
+        if self.halted_all.load(Ordering::Relaxed) {
+            return false;
+        }
+        let halted = self.halted.lock().unwrap_or_else(PoisonError::into_inner);
+        !halted.contains(&origin)
+    }
+
+    /// Counts `n` changes replayed.
+    pub(crate) fn replayed(&self, n: usize) {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        self.replayed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a replay of a change from `origin` that diverged, and stops
+    /// replaying that origin's changes.
+    pub(crate) fn diverged(&self, origin: Option<NodeId>) {
+        self.diverged.fetch_add(1, Ordering::Relaxed);
+        let mut halted = self.halted.lock().unwrap_or_else(PoisonError::into_inner);
+        if halted.len() >= MAX_HALTED {
+            self.halted_all.store(true, Ordering::Relaxed);
+        } else {
+            halted.insert(origin);
+        }
+    }
 }
 
 /// Replays `changes`, from the first, for as long as each can be replayed,
@@ -349,44 +399,85 @@ mod tests {
     }
 
     #[test]
+    fn origins_whose_replays_diverged_are_remembered_up_to_a_bound() {
+        let replays = Replays::default();
+        let peer = |n: u16| {
+            let mut bytes = [0u8; 32];
+            bytes[..2].copy_from_slice(&n.to_le_bytes());
+            Some(NodeId::from_bytes(bytes))
+        };
+        replays.diverged(None);
+        assert!(!replays.allows(None), "imports halted");
+        assert!(replays.allows(peer(0)), "a peer is not an import");
+        for n in 0..1023 {
+            replays.diverged(peer(n));
+        }
+        assert!(!replays.allows(peer(0)));
+        assert!(
+            replays.allows(peer(5000)),
+            "1,024 remembered, room for none more"
+        );
+        // Past the bound, replaying stops for every origin.
+        replays.diverged(peer(5000));
+        assert!(!replays.allows(peer(6000)));
+        assert_eq!(replays.diverged.load(Ordering::Relaxed), 1025);
+    }
+
+    #[test]
     fn a_replay_that_diverges_is_applied_to_a_fresh_copy_instead() {
         let peer = Origin::Peer(NodeId::from_bytes([7; 32]));
+        let other_peer = Origin::Peer(NodeId::from_bytes([8; 32]));
         let replicas = [Replica::in_memory(), Replica::in_memory()].map(|r| r.expect("replica"));
         let mut writer = base();
         let id = crate::DocId::from_bytes([3; 16]);
-        let send = |replica: &Replica, changes: Vec<Change>| {
+        let send = |replica: &Replica, from: Origin, changes: Vec<Change>| {
             let incoming = Incoming {
                 id,
                 space: DEFAULT_SPACE.to_string(),
                 data: IncomingData::Parsed(changes),
             };
-            replica.apply(peer, vec![incoming]).expect("applies")
+            replica.apply(from, vec![incoming]).expect("applies")
         };
         let mut sent = Automerge::new();
-        for i in 0..20i64 {
+        let mut write = |i: i64| {
             let mut tx = writer.transaction();
             tx.put(ROOT, "seq", i).expect("put");
             tx.commit();
             let changes = missing(&writer, &sent);
             sent.apply_changes(changes.clone()).expect("applies");
-            send(&replicas[0], changes.clone());
+            (changes, writer.get_heads())
+        };
+        for i in 0..20i64 {
+            let (changes, heads) = write(i);
+            send(&replicas[0], peer, changes.clone());
             // On this thread (the committer's, for a lone request) every
             // replay makes a change with another time.
             SKEW.with(|s| s.set(1));
-            let receipt = send(&replicas[1], changes);
+            let receipt = send(&replicas[1], peer, changes);
             SKEW.with(|s| s.set(0));
             assert_eq!(
                 receipt.heads(id).map(|h| h.as_slice().to_vec()),
-                Some(writer.get_heads())
+                Some(heads)
             );
         }
         // The first send creates the document (nothing to follow): the
-        // other 19 went through the replay, on the second replica each
-        // diverging and recovered from.
+        // other 19 could be replayed. On the second replica the first
+        // replay diverged and was recovered from, and the peer's later
+        // changes were applied without a replay: a diverging origin costs
+        // one reload, not one a change.
         assert_eq!(replicas[0].changes_replayed(), 19);
         assert_eq!(replicas[0].replays_diverged(), 0);
         assert_eq!(replicas[1].changes_replayed(), 0);
-        assert_eq!(replicas[1].replays_diverged(), 19);
+        assert_eq!(replicas[1].replays_diverged(), 1);
+        // Another peer's changes are still replayed.
+        for i in 20..25i64 {
+            let (changes, _) = write(i);
+            send(&replicas[0], peer, changes.clone());
+            send(&replicas[1], other_peer, changes);
+        }
+        assert_eq!(replicas[0].changes_replayed(), 24);
+        assert_eq!(replicas[1].changes_replayed(), 5);
+        assert_eq!(replicas[1].replays_diverged(), 1);
         let saved = replicas.map(|r| {
             r.read()
                 .expect("read")

@@ -147,7 +147,7 @@ pub(crate) struct Shared {
     pub(crate) actors: Arc<ActorPool>,
     pub(crate) options: ReplicaOptions,
     pub(crate) clock: Clock,
-    pub(crate) replays: replay::Counts,
+    pub(crate) replays: replay::Replays,
 }
 
 /// Data for one document received from elsewhere (a peer, a file, an
@@ -270,7 +270,7 @@ impl Replica {
                 actors: Arc::new(ActorPool::new(seed)),
                 clock: Arc::clone(&options.clock),
                 options,
-                replays: replay::Counts::default(),
+                replays: replay::Replays::default(),
             }),
         }
     }
@@ -433,7 +433,10 @@ impl Replica {
 
     /// Replays that made a change other than the one received, so that the
     /// document was reloaded and the changes applied by automerge instead.
-    /// Only a crafted change can cause one.
+    /// Only a crafted change, or one encoded by another automerge than
+    /// ours, can cause one. After one, changes from the same origin (the
+    /// peer, or imports) are no longer replayed while the replica is open,
+    /// so each origin costs at most one reload.
     pub fn replays_diverged(&self) -> u64 {
         self.shared.replays.diverged.load(Ordering::Relaxed)
     }
