@@ -901,31 +901,32 @@ fn prepare_remote_doc(
     // Changes made on exactly this state go in as local transactions, in
     // time independent of the document's history (see `replay`).
     let replays = &shared.replays;
-    let replayed = if !replays.allows(peer) {
-        0
+    let replay = if replays.allows(peer) {
+        replay::replay(&mut doc, &candidates)
     } else {
-        match replay::replay(&mut doc, &candidates) {
-            Ok(replayed) => {
-                replays.replayed(replayed);
-                replayed
-            }
-            Err(replay::Diverged) => {
-                replays.diverged(peer);
-                tracing::warn!(
-                    %id,
-                    peer = ?peer,
-                    "a replayed change came out different; applying to a fresh copy, \
-                     and this origin's changes from now on"
-                );
-                doc = if row.heads.is_empty() {
-                    Automerge::new()
-                } else {
-                    tables
-                        .load(id, &row)
-                        .map_err(|e| RequestError::Apply(e.into()))?
-                };
-                0
-            }
+        Ok(0)
+    };
+    let replayed = match replay {
+        Ok(replayed) => {
+            replays.replayed(replayed);
+            replayed
+        }
+        Err(replay::Diverged) => {
+            replays.diverged(peer);
+            tracing::warn!(
+                %id,
+                peer = ?peer,
+                "a replayed change came out different; applying to a fresh copy, \
+                 and this origin's changes from now on"
+            );
+            doc = if row.heads.is_empty() {
+                Automerge::new()
+            } else {
+                tables
+                    .load(id, &row)
+                    .map_err(|e| RequestError::Apply(e.into()))?
+            };
+            0
         }
     };
     if replayed < candidates.len()

@@ -65,9 +65,9 @@ const MAX_HALTED: usize = 1024;
 #[derive(Debug, Default)]
 pub(crate) struct Replays {
     /// Received changes that went in as local transactions.
-    pub(crate) replayed: AtomicU64,
+    replayed: AtomicU64,
     /// Replays that made another change, each followed by a reload.
-    pub(crate) diverged: AtomicU64,
+    diverged: AtomicU64,
     /// Origins (a peer; `None`: an import) a replay of whose changes
     /// diverged, at most [`MAX_HALTED`].
     halted: Mutex<HashSet<Option<NodeId>>>,
@@ -83,6 +83,14 @@ impl Replays {
         }
         let halted = self.halted.lock().unwrap_or_else(PoisonError::into_inner);
         !halted.contains(&origin)
+    }
+
+    /// Changes replayed so far, and replays that diverged.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.replayed.load(Ordering::Relaxed),
+            self.diverged.load(Ordering::Relaxed),
+        )
     }
 
     /// Counts `n` changes replayed.
@@ -420,7 +428,7 @@ mod tests {
         // Past the bound, replaying stops for every origin.
         replays.diverged(peer(5000));
         assert!(!replays.allows(peer(6000)));
-        assert_eq!(replays.diverged.load(Ordering::Relaxed), 1025);
+        assert_eq!(replays.counts(), (0, 1025));
     }
 
     #[test]

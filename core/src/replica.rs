@@ -2,7 +2,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use automerge::Change;
 use redb::ReadableDatabase;
@@ -428,7 +427,7 @@ impl Replica {
     /// deleting map keys) rather than through automerge's `apply_changes`,
     /// whose cost grows with each key's history.
     pub fn changes_replayed(&self) -> u64 {
-        self.shared.replays.replayed.load(Ordering::Relaxed)
+        self.shared.replays.counts().0
     }
 
     /// Replays that made a change other than the one received, so that the
@@ -438,7 +437,7 @@ impl Replica {
     /// peer, or imports) are no longer replayed while the replica is open,
     /// so each origin costs at most one reload.
     pub fn replays_diverged(&self) -> u64 {
-        self.shared.replays.diverged.load(Ordering::Relaxed)
+        self.shared.replays.counts().1
     }
 
     /// The options this replica was opened with.
