@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc, SaveOptions};
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use crate::cache;
@@ -520,8 +520,12 @@ fn commit_batch(
     // commit then fails is still right for any snapshot that ever sees
     // those heads, and none sees them before.
     for (id, current) in finished {
-        if current.row.heads.is_empty() {
-            // Only changes waiting for dependencies: nothing to read.
+        if current.row.heads.is_empty() || current.row.pending_count > 0 {
+            // Only changes waiting for dependencies: nothing to read. And a
+            // document with changes waiting holds them in automerge's own
+            // queue too, which the cache's weight does not see: it stays out
+            // of the cache, and loads from the store (snapshot and log,
+            // without them) when next read.
             continue;
         }
         let weight = cache::weight(&current.doc);
@@ -937,10 +941,14 @@ fn prepare_remote_doc(
     let (applied, waiting): (Vec<Change>, Vec<Change>) = candidates
         .into_iter()
         .partition(|c| has_change(&doc, &c.hash()));
-    if waiting.len() > shared.options.max_pending_per_doc {
+    let waiting_bytes: u64 = waiting.iter().map(|c| c.raw_bytes().len() as u64).sum();
+    if waiting.len() > shared.options.max_pending_per_doc
+        || waiting_bytes > shared.options.max_pending_bytes_per_doc
+    {
         return Err(RequestError::Apply(ApplyError::TooManyPending {
             id,
             count: waiting.len(),
+            bytes: waiting_bytes,
         }));
     }
     let remove_pending: Vec<ChangeHash> = applied
@@ -1009,7 +1017,13 @@ fn write_update(
         || (log_bytes > options.compact_after_bytes.max(row.snapshot_bytes)
             && u64::from(log_count) * FOLD_SHARE >= doc.stats().num_changes);
     if compact {
-        let snapshot = doc.save();
+        // Without the changes waiting for dependencies (automerge keeps them
+        // in its queue, and `save` by default with them): they live in the
+        // pending table alone, counted against its limits.
+        let snapshot = doc.save_with_options(SaveOptions {
+            retain_orphans: false,
+            ..SaveOptions::default()
+        });
         tables.snapshots()?.insert(key, snapshot.as_slice())?;
         tables.clear_log(id, &mut row)?;
         row.snapshot_bytes = snapshot.len() as u64;

@@ -185,14 +185,20 @@ pub enum ApplyError {
     /// A space name that is empty, too long, or has control characters.
     #[error("invalid space name {0:?}: expected 1 to 128 characters, no control characters")]
     InvalidSpace(String),
-    /// More changes wait for missing dependencies in this document than the
-    /// replica keeps.
-    #[error("document {id} has {count} changes waiting for missing dependencies; refusing more")]
+    /// More changes, or more bytes of them, would wait for missing
+    /// dependencies in this document than the replica keeps
+    /// ([`crate::ReplicaOptions::max_pending_per_doc`],
+    /// [`crate::ReplicaOptions::max_pending_bytes_per_doc`]).
+    #[error(
+        "document {id} would have {count} changes ({bytes} bytes) waiting for missing dependencies; refusing more"
+    )]
     TooManyPending {
         /// The document.
         id: DocId,
-        /// How many are waiting.
+        /// How many would wait.
         count: usize,
+        /// Their size, in bytes.
+        bytes: u64,
     },
     /// The stored document could not be loaded.
     #[error(transparent)]

@@ -64,7 +64,11 @@
 //! - [`Replica::apply`] stores changes received from elsewhere (changes or a
 //!   whole saved document, for any number of documents) in one durable
 //!   transaction. It is idempotent, and changes whose dependencies have not
-//!   arrived are kept and applied once they do. A received change made on
+//!   arrived are kept and applied once they do (up to
+//!   [`ReplicaOptions::max_pending_per_doc`] and
+//!   [`ReplicaOptions::max_pending_bytes_per_doc`] a document; they are
+//!   kept in the store alone, never in a cached document or a folded
+//!   snapshot, so the cache's budget holds whatever waits). A received change made on
 //!   exactly the document's current state that only sets or deletes map
 //!   keys (a live peer's usual edit) goes in as a local transaction with
 //!   the change's actor, time and message, kept only when it hashes to the

@@ -98,6 +98,11 @@ pub struct ReplicaOptions {
     /// The most received changes per document kept waiting for missing
     /// dependencies (default 10,000); past it, [`Replica::apply`] refuses.
     pub max_pending_per_doc: usize,
+    /// The most bytes of those changes per document (default 64 MiB, the
+    /// most one sync message may inflate to); past it, [`Replica::apply`]
+    /// refuses. Every apply to a document with changes waiting reads them
+    /// all again, so this bounds its memory and time, whatever their count.
+    pub max_pending_bytes_per_doc: u64,
     /// The clock recorded in changes (default: the system clock).
     pub clock: Clock,
     /// Where actor ids and new document ids come from (default: the
@@ -117,6 +122,7 @@ impl Default for ReplicaOptions {
             compact_after_changes: 512,
             compact_after_bytes: 0,
             max_pending_per_doc: 10_000,
+            max_pending_bytes_per_doc: 64 << 20,
             clock: Arc::new(system_clock),
             random: Arc::new(system_random),
         }
@@ -133,6 +139,7 @@ impl std::fmt::Debug for ReplicaOptions {
             .field("compact_after_changes", &self.compact_after_changes)
             .field("compact_after_bytes", &self.compact_after_bytes)
             .field("max_pending_per_doc", &self.max_pending_per_doc)
+            .field("max_pending_bytes_per_doc", &self.max_pending_bytes_per_doc)
             .finish_non_exhaustive()
     }
 }

@@ -533,6 +533,84 @@ fn too_many_waiting_changes_are_refused() {
     );
 }
 
+#[test]
+fn waiting_changes_past_the_byte_limit_are_refused() {
+    let source = Replica::in_memory().unwrap();
+    let id = create(&source, "v", 0);
+    for v in 1..=3 {
+        change(&source, id, "v", v);
+    }
+    let all = changes_of(&source, id);
+    let two: u64 = all[1..3].iter().map(|c| c.len() as u64).sum();
+    let mut options = ReplicaOptions::default();
+    options.max_pending_bytes_per_doc = two;
+    let target = Replica::in_memory_with(options).unwrap();
+    // At the limit: kept.
+    target
+        .apply(Origin::Import, vec![incoming(id, all[1..3].to_vec())])
+        .unwrap();
+    let refused = target.apply(Origin::Import, vec![incoming(id, all[3..].to_vec())]);
+    assert!(
+        matches!(refused, Err(ApplyError::TooManyPending { count: 3, bytes, .. }) if bytes > two),
+        "{refused:?}"
+    );
+    // What was kept arrives with its dependency; the refused change was not
+    // stored.
+    target
+        .apply(Origin::Import, vec![incoming(id, all[..1].to_vec())])
+        .unwrap();
+    assert_eq!(
+        target.read().unwrap().get(id).unwrap().to_json(),
+        json!({"v": 2})
+    );
+}
+
+/// automerge keeps a change whose dependencies are missing in its own queue
+/// (and `save` writes it out by default): a document read, and its folded
+/// snapshot, must not carry it, or the cache's budget would not see it.
+#[test]
+fn a_waiting_change_stays_out_of_the_document_read_and_its_snapshot() {
+    let source = Replica::in_memory().unwrap();
+    let id = create(&source, "v", 0);
+    change(&source, id, "v", 1);
+    // 64 KiB that do not compress away.
+    let mut state = 1u64;
+    let blob: String = (0..64 << 10)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from(b'a' + ((state >> 59) as u8) % 26)
+        })
+        .collect();
+    let mut tx = source.begin().unwrap();
+    tx.change(id, move |d| d.put(ROOT, "blob", blob)).unwrap();
+    tx.commit().unwrap();
+    let all = changes_of(&source, id);
+    let mut options = ReplicaOptions::default();
+    // Fold at every commit.
+    options.compact_after_changes = 1;
+    let target = Replica::in_memory_with(options).unwrap();
+    // The first change applies (and is folded); the blob waits for the second.
+    target
+        .apply(
+            Origin::Import,
+            vec![incoming(id, vec![all[0].clone(), all[2].clone()])],
+        )
+        .unwrap();
+    let read = target.read().unwrap().get(id).unwrap();
+    assert_eq!(read.to_json(), json!({"v": 0}));
+    let size = read.save().len();
+    assert!(size < 4 << 10, "the document read holds {size} bytes");
+    // It still arrives with its dependency.
+    target
+        .apply(Origin::Import, vec![incoming(id, vec![all[1].clone()])])
+        .unwrap();
+    let json = target.read().unwrap().get(id).unwrap().to_json();
+    assert_eq!(json["v"], json!(1));
+    assert_eq!(json["blob"].as_str().map(str::len), Some(64 << 10));
+}
+
 /// A restored copy of the store and the original both write: their changes
 /// must never share an (actor, seq), or automerge would refuse to merge them.
 #[test]
