@@ -1118,6 +1118,20 @@ impl Session {
                 ),
             ));
         }
+        if let Some(long) = a
+            .docs
+            .iter()
+            .find(|d| d.heads.len() > sync_message::MAX_HASHES)
+        {
+            return Err(Fatal::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{} heads announced for one document (at most {})",
+                    long.heads.len(),
+                    sync_message::MAX_HASHES
+                ),
+            ));
+        }
         let count = a.docs.len() as u64;
         if r.used + count > r.granted {
             return Err(Fatal::new(

@@ -179,6 +179,28 @@ fn announcements_beyond_credit_or_out_of_order_are_refused() {
     h.assert_ended_with(ErrorCode::LimitExceeded);
 }
 
+#[test]
+fn an_announcement_with_too_many_heads_is_refused() {
+    let announce = |heads: usize| {
+        Message::Announce(Announce {
+            from: 0,
+            to: 1,
+            docs: vec![Announcement {
+                doc: ByteArray::new([1; 16]),
+                space: DEFAULT_SPACE.into(),
+                heads: (0..heads)
+                    .map(|i| ByteArray::new([(i % 251) as u8; 32]))
+                    .collect(),
+            }],
+        })
+    };
+    let mut h = Harness::established();
+    h.send(&announce(
+        concord_sync_protocol::sync_message::MAX_HASHES + 1,
+    ));
+    h.assert_ended_with(ErrorCode::LimitExceeded);
+}
+
 /// The 15-byte sync message of FINDINGS.md whose bloom filter declares
 /// u32::MAX probes: automerge accepts it and then aborts the process on the
 /// next `generate_sync_message`.
