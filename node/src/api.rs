@@ -779,7 +779,8 @@ async fn changes(
                 "`wait` must be a number of seconds, 0 or more",
             ));
         }
-        Some(w) => Duration::from_secs_f64(w).min(MAX_WAIT),
+        // Capped before converting: `from_secs_f64` panics past u64 seconds.
+        Some(w) => Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64())),
         None => Duration::ZERO,
     };
     let streaming = headers

@@ -25,7 +25,7 @@ use crate::api;
 use crate::identity::{Identity, IdentityError};
 use crate::limits::{LimitError, Limits};
 use crate::metrics::Metrics;
-use crate::peer::{Backoff, Context, Messages, run_session};
+use crate::peer::{Backoff, Context, Messages, Outcome, run_session};
 use crate::storage::Storage;
 use crate::tls::{self, Trust};
 
@@ -444,7 +444,14 @@ impl Inner {
     }
 
     /// Runs a session on an established connection until it ends.
-    async fn serve(self: Arc<Self>, peer: NodeId, connection: quinn::Connection, dialled: bool) {
+    /// Runs a session on `connection` until it ends; whether it was
+    /// established (both sides said `Hello`).
+    async fn serve(
+        self: Arc<Self>,
+        peer: NodeId,
+        connection: quinn::Connection,
+        dialled: bool,
+    ) -> bool {
         // Unregistered however this ends: a lost duplicate, the session's
         // end, or the task cancelled.
         let _registration = Registration {
@@ -453,28 +460,25 @@ impl Inner {
             connection: connection.clone(),
         };
         if !self.register(peer, &connection, dialled) {
-            return;
+            return false;
         }
         let streams = if dialled {
             connection.open_bi().await
         } else {
             connection.accept_bi().await
         };
-        let reason = match streams {
-            Ok((send, recv)) => {
-                run_session(self.context(peer), peer, send, recv)
-                    .await
-                    .reason
-            }
+        let outcome = match streams {
+            Ok((send, recv)) => run_session(self.context(peer), peer, send, recv).await,
             Err(e) => {
                 debug!(%peer, error = %e, "no stream");
-                None
+                Outcome::default()
             }
         };
-        match reason {
+        match outcome.reason {
             Some(reason) => connection.close(CLOSE_LIMIT.into(), reason.as_bytes()),
             None => connection.close(0u32.into(), b"session over"),
         }
+        outcome.established
     }
 }
 
@@ -815,9 +819,14 @@ async fn dial_loop(inner: Arc<Inner>, peer: NodeId) {
             }
         };
         match attempt.await {
+            // The backoff starts over only after a session that got as far
+            // as `Hello`: a peer that does not trust us still lets the QUIC
+            // handshake complete (TLS 1.3 checks the client afterwards), and
+            // would otherwise be redialled every 50–100 ms.
             Ok(connection) => {
-                backoff.reset();
-                Arc::clone(&inner).serve(peer, connection, true).await;
+                if Arc::clone(&inner).serve(peer, connection, true).await {
+                    backoff.reset();
+                }
             }
             Err(e) => debug!(%addr, error = %e, "dial failed"),
         }

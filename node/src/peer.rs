@@ -33,6 +33,8 @@ pub(crate) struct Outcome {
     /// Why we cut the connection without the session ending it (a peer that
     /// never said `Hello`, or stopped reading): the QUIC close reason.
     pub(crate) reason: Option<String>,
+    /// Whether both sides said `Hello` and agreed on a version.
+    pub(crate) established: bool,
 }
 
 /// Protocol frames exchanged with one peer, over the node's life: its
@@ -125,7 +127,13 @@ pub(crate) async fn run_session(
     // Frames sent and received already added to `context.messages`.
     let mut frames = (0u64, 0u64);
     let mut changes_sent = 0u64;
-    let mut wake = Wake::Start;
+    // A connection made while the node went offline (a dial or handshake
+    // in flight) ends at once: `connected` changed before we watched it.
+    let mut wake = if *context.connected.borrow_and_update() {
+        Wake::Start
+    } else {
+        Wake::Disconnect
+    };
     loop {
         // Everything that may touch redb, in one go off the reactor: what
         // woke us, then pulling what the session has to send.
@@ -182,6 +190,7 @@ pub(crate) async fn run_session(
                 }
             }
         });
+        outcome.established |= session.version().is_some();
         let stats = session.stats();
         context.messages.add(&stats, &mut frames);
         if stats.docs_announced > announced {

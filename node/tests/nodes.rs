@@ -270,6 +270,50 @@ async fn an_untrusted_node_is_refused_and_learns_nothing() {
     a.shutdown().await;
 }
 
+/// A peer that does not trust us lets the QUIC handshake complete (TLS 1.3
+/// checks the client afterwards): the dialler must still back off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dialler_backs_off() {
+    let (a, stranger) = (spec(), spec());
+    let a_peer = a.peer(true);
+    let (a, _a_dir) = a.start(Vec::new()).await;
+    let (stranger, _s_dir) = stranger.start(vec![a_peer]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Backing off from 100 ms, doubling: at most 6 sessions in 4 s (each
+    // sends one Hello); without, one every 50-100 ms.
+    let hellos = stranger.status().peers[0].messages_sent;
+    assert!(hellos <= 8, "{hellos} sessions in 4 s");
+    stranger.shutdown().await;
+    a.shutdown().await;
+}
+
+/// A dial in flight when the node goes offline completes, and its session
+/// must end at once rather than sync while the node says it is offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_in_flight_when_going_offline_does_not_sync() {
+    let (a, b) = (spec(), spec());
+    let (a_peer, b_peer, b_id) = (a.peer(false), b.peer(true), b.identity.node_id());
+    // b's port is reserved but nothing answers there yet: a's first dial
+    // waits for the handshake.
+    let b_addr = b.addr();
+    let (a, _a_dir) = a.start(vec![b_peer]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.set_online(false);
+    let doc = write(a.replica(), None, "offline", 1);
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    assert_eq!(b.local_addr().expect("addr"), b_addr);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(value(b.replica(), doc), serde_json::Value::Null);
+    assert!(!a.is_connected(&b_id));
+    a.set_online(true);
+    eventually("b has the document once a is online", || {
+        value(b.replica(), doc) != serde_json::Value::Null
+    })
+    .await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_store_held_before_starting_reaches_the_peer() {
     let (a, b) = (spec(), spec());
