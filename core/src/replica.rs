@@ -13,7 +13,7 @@ use crate::commit::{Committer, RemoteWrite, Request};
 use crate::contain;
 use crate::error::{ApplyError, CommitError, OpenError, StorageError};
 use crate::feed::{CommitEvent, CommitHook, Origin, Subscribers, Subscription};
-use crate::inflate::{self, MAX_INFLATED_BYTES};
+use crate::inflate;
 use crate::replay;
 use crate::snapshot::Snapshot;
 use crate::store::{self, StoreConfig};
@@ -338,9 +338,11 @@ impl Replica {
     ///   space must match.
     /// - Bytes are parsed change by change, all or nothing, and any automerge
     ///   panic is contained: bad data is an error and changes nothing.
-    /// - Compressed parts may inflate to [`inflate::MAX_INFLATED_BYTES`] per
-    ///   incoming document at most; more is refused before automerge
-    ///   inflates anything (a decompression bomb costs no memory).
+    /// - Compressed parts may inflate to [`inflate::MAX_INFLATED_BYTES`] in
+    ///   all, and the columns claim at most [`inflate::MAX_OPS`] operations
+    ///   and changes, per call; more is refused before automerge inflates
+    ///   or parses anything (a decompression bomb costs no memory, a run
+    ///   length claiming billions of operations no time).
     /// - [`IncomingData::Parsed`] changes skip both (their caller parsed
     ///   them); applying them is contained all the same.
     ///
@@ -349,6 +351,8 @@ impl Replica {
     pub fn apply(&self, origin: Origin, incoming: Vec<Incoming>) -> Result<Receipt, ApplyError> {
         let mut writes: Vec<RemoteWrite> = Vec::with_capacity(incoming.len());
         let mut index: std::collections::HashMap<DocId, usize> = std::collections::HashMap::new();
+        // What all of it inflates to and claims, before automerge sees any.
+        let mut tally = inflate::Tally::default();
         for Incoming { id, space, data } in incoming {
             if !valid_space(&space) {
                 return Err(ApplyError::InvalidSpace(space.chars().take(200).collect()));
@@ -356,19 +360,14 @@ impl Replica {
             let invalid = |reason: String| ApplyError::InvalidData { id, reason };
             let changes = match data {
                 IncomingData::Changes(raw) => {
-                    // What the changes inflate to, in all, before automerge
-                    // inflates any of them.
-                    let mut inflated = 0u64;
                     for bytes in &raw {
-                        inflated += inflate::check(bytes, MAX_INFLATED_BYTES - inflated)
-                            .map_err(|e| invalid(e.to_string()))?;
+                        tally.check(bytes).map_err(|e| invalid(e.to_string()))?;
                     }
                     contain::parse_changes(raw.iter().map(Vec::as_slice)).map_err(invalid)?
                 }
                 IncomingData::Parsed(changes) => changes,
                 IncomingData::Document(bytes) => {
-                    inflate::check(&bytes, MAX_INFLATED_BYTES)
-                        .map_err(|e| invalid(e.to_string()))?;
+                    tally.check(&bytes).map_err(|e| invalid(e.to_string()))?;
                     let doc = contain::load(&bytes).map_err(invalid)?;
                     contain::contained(|| doc.get_changes(&[])).map_err(invalid)?
                 }

@@ -2315,12 +2315,12 @@ fn own_history(doc: Option<&Automerge>, heads: &[ChangeHash]) -> Automerge {
 /// it itself; the store applies what it can and keeps the rest waiting.
 fn message_changes(message: &AmMessage) -> Result<Vec<Change>, String> {
     let mut out = Vec::new();
-    // What the message's compressed parts inflate to, in all, before
-    // automerge inflates any (a decompression bomb costs no memory).
-    let mut inflated = 0u64;
+    // What the message's compressed parts inflate to and its columns claim,
+    // in all, before automerge inflates or parses any (a decompression bomb
+    // costs no memory, a run claiming billions of operations no time).
+    let mut tally = inflate::Tally::default();
     for raw in message.changes.iter() {
-        inflated += inflate::check(raw, inflate::MAX_INFLATED_BYTES - inflated)
-            .map_err(|e| e.to_string())?;
+        tally.check(raw).map_err(|e| e.to_string())?;
     }
     for raw in message.changes.iter() {
         let chunks = sync_message::split_chunks(raw).map_err(|e| e.to_string())?;
