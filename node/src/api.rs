@@ -342,8 +342,56 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
             )
             .into_response();
         }
+    } else if let Some(reason) = from_elsewhere(request.headers()) {
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", reason).into_response();
     }
     next.run(request).await
+}
+
+/// Without a token the API listens on loopback only, and answers whatever
+/// reaches it there, so a web page open in a browser on the same machine
+/// must not be able to use it: by a form or `fetch` posting to it (the
+/// browser sends the page's `Origin`), or by DNS rebinding (a name of the
+/// page's that resolves to 127.0.0.1: the browser sends that name as
+/// `Host`). Why such a request is refused, if it is; curl and programs
+/// send a loopback `Host` and no `Origin`.
+fn from_elsewhere(headers: &axum::http::HeaderMap) -> Option<String> {
+    if let Some(host) = headers.get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !is_loopback_host(host) {
+            return Some(format!(
+                "a request for host {:?}: without an api_token the API answers only \
+                 requests addressed to a loopback host (localhost, 127.0.0.1, [::1])",
+                host.chars().take(100).collect::<String>()
+            ));
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if !host.is_some_and(is_loopback_host) {
+            return Some(format!(
+                "a request from the web page {:?}: without an api_token the API \
+                 refuses requests from pages of other origins",
+                origin.chars().take(100).collect::<String>()
+            ));
+        }
+    }
+    None
+}
+
+/// Whether `authority` (`host[:port]`) names this machine's loopback.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -517,6 +517,60 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     node.shutdown().await;
 }
 
+/// The status line of a raw HTTP/1.1 request with these extra headers.
+fn raw_status(node: &Node, method: &str, headers: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = node.api_addr().expect("api");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let body = "{}";
+    write!(
+        stream,
+        "{method} /v1/docs HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_pages_of_other_origins_and_foreign_hosts_are_refused() {
+    let (node, _dir) = node(None).await;
+    let addr = node.api_addr().expect("api");
+    let node = std::sync::Arc::new(node);
+    let n = std::sync::Arc::clone(&node);
+    off(move || {
+        let ok = format!("Host: {addr}\r\n");
+        assert!(raw_status(&n, "POST", &ok).contains(" 201 "));
+        let localhost = format!(
+            "Host: localhost:{}\r\nOrigin: http://localhost:3000\r\n",
+            addr.port()
+        );
+        assert!(raw_status(&n, "POST", &localhost).contains(" 201 "));
+        // DNS rebinding: a page's own name resolving to 127.0.0.1.
+        let rebound = "Host: evil.example:7401\r\n";
+        assert!(raw_status(&n, "POST", rebound).contains(" 403 "));
+        // A form or fetch from another page, as a "simple" request.
+        let forged =
+            format!("Host: {addr}\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\n");
+        assert!(raw_status(&n, "POST", &forged).contains(" 403 "));
+        assert!(
+            raw_status(&n, "GET", &format!("Host: {addr}\r\nOrigin: null\r\n")).contains(" 403 ")
+        );
+    })
+    .await;
+    // Only the two allowed requests made documents.
+    assert_eq!(node.status().documents, 2);
+    match std::sync::Arc::try_unwrap(node) {
+        Ok(node) => node.shutdown().await,
+        Err(_) => panic!("the node is still shared"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_guards_the_api_and_is_required_off_loopback() {
     let (node, _dir) = node(Some("s3cret")).await;
