@@ -51,6 +51,11 @@ pub(crate) struct LocalWrite {
     pub(crate) doc: Automerge,
     /// The changes the transaction made, oldest first.
     pub(crate) changes: Vec<Change>,
+    /// Whether no change attempted on `doc` panicked. Only then is `doc`
+    /// known to be `base` plus `changes`: a panic inside automerge can leave
+    /// it damaged, so the changes are then applied again to the stored
+    /// state, and the working copy never reaches the cache.
+    pub(crate) clean: bool,
 }
 
 /// Changes for one document received from elsewhere, already parsed.
@@ -705,9 +710,21 @@ fn prepare_local(
                     }
                     return Err(RequestError::Commit(CommitError::AlreadyExists(write.id)));
                 }
-                None if write.created => (DocRow::new(write.space.clone()), write.doc),
+                None if write.created && write.clean => {
+                    (DocRow::new(write.space.clone()), write.doc)
+                }
+                None if write.created => {
+                    let mut doc = Automerge::new();
+                    contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
+                        RequestError::Commit(CommitError::Merge {
+                            id: write.id,
+                            reason,
+                        })
+                    })?;
+                    (DocRow::new(write.space.clone()), doc)
+                }
                 None => return Err(RequestError::Commit(DocError::NotFound(write.id).into())),
-                Some(row) if row.heads() == write.base => {
+                Some(row) if row.heads() == write.base && write.clean => {
                     if let Some(cur) = from_batch {
                         taken.push((write.id, cur));
                     }
@@ -715,7 +732,8 @@ fn prepare_local(
                 }
                 Some(row) => {
                     // Another transaction changed the document since this
-                    // one's snapshot: merge, as for a concurrent replica.
+                    // one's snapshot (or the working copy is not known to be
+                    // sound): merge, as for a concurrent replica.
                     let current = match from_batch {
                         Some(cur) => {
                             taken.push((

@@ -66,7 +66,8 @@ impl Drop for Writes {
             if write.created {
                 continue;
             }
-            let unchanged = write.changes.is_empty().then_some((write.base, write.doc));
+            let unchanged =
+                (write.changes.is_empty() && write.clean).then_some((write.base, write.doc));
             self.shared.cache.release(id, unchanged);
         }
     }
@@ -160,6 +161,7 @@ impl Transaction {
                 base: Heads::default(),
                 doc,
                 changes: change.into_iter().collect(),
+                clean: true,
             },
         );
         Ok(result)
@@ -186,9 +188,27 @@ impl Transaction {
             .docs
             .get_mut(&id)
             .ok_or(TxError::Doc(DocError::NotFound(id)))?;
-        let (result, change) = make_change(&mut write.doc, id, &stamp, false, f)?;
+        // Unsound should `f` or automerge panic: the panic unwinds through
+        // here, past the reset (an error rolls the change back).
+        let clean = std::mem::replace(&mut write.clean, false);
+        let made = make_change(&mut write.doc, id, &stamp, false, f);
+        write.clean = clean;
+        let (result, change) = made?;
         write.changes.extend(change);
         Ok(result)
+    }
+
+    /// Drops this transaction's working copy of `id`, and its changes to
+    /// it: the document is as stored again, for this transaction too. For a
+    /// document automerge may have left damaged ([`crate::ops::apply_ops`]'s
+    /// [`crate::ops::OpError::Automerge`], a contained panic), which must not
+    /// reach the cache.
+    pub fn discard(&mut self, id: DocId) {
+        if let Some(write) = self.writes.docs.remove(&id)
+            && !write.created
+        {
+            self.shared.cache.release(id, None);
+        }
     }
 
     fn stamp(&self) -> Stamp {
@@ -230,6 +250,7 @@ impl Transaction {
             base: heads,
             doc,
             changes: Vec::new(),
+            clean: true,
         })
     }
 

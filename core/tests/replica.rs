@@ -109,6 +109,57 @@ fn a_failed_commit_stores_nothing_of_the_transaction() {
     assert_eq!(now.seq().unwrap(), seq);
 }
 
+/// A panic inside a change (automerge's, or the function's) can leave the
+/// working copy damaged: it must not go back to the cache for readers, and
+/// the commit applies the transaction's changes to the stored state
+/// instead. So must a working copy the caller discards.
+#[test]
+fn a_working_copy_a_change_panicked_on_never_reaches_the_cache() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let replica = Replica::in_memory().unwrap();
+    let a = create(&replica, "n", 1);
+    replica.read().unwrap().get(a).unwrap();
+    let panics = |tx: &mut concord_core::Transaction| {
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            tx.change(a, |d| -> Result<(), _> {
+                d.put(ROOT, "n", 3)?;
+                panic!("in the middle of a change")
+            })
+        }));
+        assert!(panicked.is_err());
+    };
+    let mut tx = replica.begin().unwrap();
+    panics(&mut tx);
+    drop(tx);
+    let misses = replica.cache_misses();
+    assert_eq!(
+        replica.read().unwrap().get(a).unwrap().to_json(),
+        json!({"n": 1})
+    );
+    assert_eq!(
+        replica.cache_misses(),
+        misses + 1,
+        "loaded, not the working copy"
+    );
+    let mut tx = replica.begin().unwrap();
+    tx.change(a, put_int("n", 7)).unwrap();
+    tx.discard(a);
+    drop(tx);
+    let misses = replica.cache_misses();
+    replica.read().unwrap().get(a).unwrap();
+    assert_eq!(replica.cache_misses(), misses + 1, "discarded, not cached");
+    // Committed after a panic: the changes made, on the stored state.
+    let mut tx = replica.begin().unwrap();
+    tx.change(a, put_int("n", 2)).unwrap();
+    panics(&mut tx);
+    tx.change(a, put_int("m", 5)).unwrap();
+    tx.commit().unwrap();
+    let doc = replica.read().unwrap().get(a).unwrap();
+    assert_eq!(doc.to_json(), json!({"n": 2, "m": 5}));
+    assert_eq!(doc.history().len(), 3);
+}
+
 #[test]
 fn operations_in_a_transaction_report_errors_and_leave_it_usable() {
     let replica = Replica::in_memory().unwrap();

@@ -597,7 +597,12 @@ async fn patch_doc(
     let node = api.node;
     let heads = blocking(move || {
         let mut tx = node.replica.begin()?;
-        tx.change(id, |d| Ok(ops::apply_ops(d, &patch.ops)))??;
+        let applied = tx.change(id, |d| Ok(ops::apply_ops(d, &patch.ops)))?;
+        if let Err(ops::OpError::Automerge { .. }) = &applied {
+            // automerge panicked: its working copy must not be reused.
+            tx.discard(id);
+        }
+        applied?;
         let receipt = commit(&node, tx)?;
         match receipt.heads(id) {
             Some(heads) => Ok(heads.clone()),
@@ -691,8 +696,13 @@ async fn transact(
                     {
                         run.push(op);
                     }
-                    tx.change(doc, |d| Ok(ops::apply_ops(d, &run)))?
-                        .map_err(|e| e.at_op(i))?;
+                    let applied = tx.change(doc, |d| Ok(ops::apply_ops(d, &run)))?;
+                    if let Err(ops::OpError::Automerge { .. }) = &applied {
+                        // automerge panicked: its working copy must not be
+                        // reused.
+                        tx.discard(doc);
+                    }
+                    applied.map_err(|e| e.at_op(i))?;
                     touched.push(doc);
                 }
             }
