@@ -1833,6 +1833,10 @@ impl Session {
         // panic or fail half-way, leaving the document or the state damaged.
         // A message without changes only reads the document: no copy
         // (`receive`).
+        // The exchange's state is kept (in memory, and saved) only for a
+        // document held here that the peer may see: a state for every id a
+        // peer names would grow memory and the store without bound.
+        let keep = stored.is_some();
         let mut working = if readable {
             working_copy(store, doc, stored.as_ref().map(|d| d.automerge()))?
         } else if valid_space(&space) && self.config.access.can_write(&space) {
@@ -1931,7 +1935,7 @@ impl Session {
             && matches!(answer, Some(Ok(_)))
         {
             self.exchanges.insert(doc, unsent);
-            self.end_exchange(doc, true);
+            self.end_exchange(doc, keep);
             self.paced.insert(doc, until);
             return Ok(());
         }
@@ -1948,7 +1952,7 @@ impl Session {
                 self.exchanges.insert(doc, next);
                 self.send_sync(doc, bytes);
                 if !requested {
-                    self.end_exchange(doc, true);
+                    self.end_exchange(doc, keep);
                 }
             }
             Some(Err(reason)) => {
@@ -1958,7 +1962,7 @@ impl Session {
             None => {
                 // Nothing more to say: the exchange is over for now.
                 self.exchanges.insert(doc, next);
-                self.end_exchange(doc, true);
+                self.end_exchange(doc, keep);
             }
         }
         Ok(())

@@ -258,6 +258,45 @@ fn hostile_sync_messages_fail_only_their_document() {
     );
 }
 
+/// A peer naming document ids (no access needed) must not leave a sync
+/// state behind for each, in memory or in the store: only documents held
+/// here that the peer may see keep one.
+#[test]
+fn sync_messages_for_documents_not_held_leave_no_state() {
+    use concord_core::SyncStore;
+
+    let mut h = Harness::established();
+    let mut tx = h.replica.begin().expect("begin");
+    let (held, ()) = tx
+        .create(DEFAULT_SPACE, |d| d.put(ROOT, "n", 1))
+        .expect("create");
+    tx.commit().expect("commit");
+    let empty = concord_core::automerge::Automerge::new();
+    let first = || {
+        let mut state = concord_core::automerge::sync::State::new();
+        concord_core::automerge::sync::SyncDoc::generate_sync_message(&empty, &mut state)
+            .expect("first message")
+            .encode()
+    };
+    let unknown: Vec<DocId> = (0..50).map(|_| DocId::random()).collect();
+    for id in unknown.iter().chain([&held]) {
+        h.send(&Message::Sync(SyncData {
+            doc: ByteArray::new(*id.as_bytes()),
+            data: ByteBuf::from(first()),
+        }));
+        h.received();
+    }
+    h.session.close(&h.replica, ErrorCode::Closing, "done");
+    h.received();
+    assert!(
+        h.replica.sync_state(&PEER, held).expect("read").is_some(),
+        "the held document's state is saved"
+    );
+    for id in unknown {
+        assert_eq!(h.replica.sync_state(&PEER, id).expect("read"), None);
+    }
+}
+
 #[test]
 fn changes_for_a_document_never_announced_are_refused() {
     let mut h = Harness::established();
