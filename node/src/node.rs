@@ -732,11 +732,17 @@ fn feed_hook(inner: &Arc<Inner>) -> CommitHook {
     })
 }
 
+/// Accepts connections, each served by a task of its own. Those tasks are
+/// this one's: they end with it (a node dropped without shutting down), and
+/// on shutdown it waits for them to close their sessions.
 async fn accept_loop(inner: Arc<Inner>) {
     let mut shutdown = inner.shutdown.subscribe();
+    let mut sessions = JoinSet::new();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.changed() => break,
+            // Reap the finished.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             incoming = inner.endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => break,
@@ -753,7 +759,7 @@ async fn accept_loop(inner: Arc<Inner>) {
         }
         let inner = Arc::clone(&inner);
         inner.incoming.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        sessions.spawn(async move {
             let _slot = IncomingSlot(Arc::clone(&inner));
             let connection =
                 match tokio::time::timeout(inner.limits.handshake_timeout(), incoming).await {
@@ -777,6 +783,8 @@ async fn accept_loop(inner: Arc<Inner>) {
                 .await;
         });
     }
+    // Offline already (shutting down): each session closes.
+    while sessions.join_next().await.is_some() {}
 }
 
 async fn dial_loop(inner: Arc<Inner>, peer: NodeId) {

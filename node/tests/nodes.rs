@@ -314,6 +314,31 @@ async fn a_dial_in_flight_when_going_offline_does_not_sync() {
     a.shutdown().await;
 }
 
+/// A node dropped without shutting down stops all of its tasks, the
+/// sessions of connections it accepted among them: they must neither go on
+/// syncing nor keep its store open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_node_ends_its_inbound_sessions() {
+    let (a, b) = (spec(), spec());
+    let (a_id, a_peer, b_peer) = (a.identity.node_id(), a.peer(true), b.peer(false));
+    // a only accepts; b dials it.
+    let (a, a_dir) = a.start(vec![b_peer]).await;
+    let (b, _b_dir) = b.start(vec![a_peer]).await;
+    eventually("b is connected to a", || b.is_connected(&a_id)).await;
+    let replica_a = a.replica().clone();
+    drop(a);
+    eventually("b sees a go", || !b.is_connected(&a_id)).await;
+    let doc = write(b.replica(), None, "after", 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(value(&replica_a, doc), serde_json::Value::Null);
+    drop(replica_a);
+    eventually("a's store can be opened again", || {
+        concord_core::Replica::open(concord_node::store_path(a_dir.path())).is_ok()
+    })
+    .await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_store_held_before_starting_reaches_the_peer() {
     let (a, b) = (spec(), spec());
