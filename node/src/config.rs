@@ -153,9 +153,21 @@ impl ConfigFile {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
-            message: e.to_string(),
+            message: one_line(&e, &text),
         })
     }
+}
+
+/// toml's error on one line, with where it is (its `Display` draws the
+/// offending line over several).
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// Resolves `host:port` to one socket address.
@@ -221,6 +233,21 @@ pub fn merge_peers(peers: &mut Vec<PeerConfig>, extra: Vec<PeerConfig>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_file_is_one_line_saying_where() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("concord.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:7400\"\napi = 7401\n").expect("write");
+        let e = ConfigFile::load(&path)
+            .expect_err("api is not a string")
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("line 2, column 7"), "{e}");
+        std::fs::write(&path, "listen = \n").expect("write");
+        let e = ConfigFile::load(&path).expect_err("no value").to_string();
+        assert!(!e.contains('\n') && e.contains("line 1"), "{e}");
+    }
 
     #[test]
     fn the_documented_file_parses() {
