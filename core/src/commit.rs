@@ -713,16 +713,10 @@ fn prepare_local(
                 None if write.created && write.clean => {
                     (DocRow::new(write.space.clone()), write.doc)
                 }
-                None if write.created => {
-                    let mut doc = Automerge::new();
-                    contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
-                        RequestError::Commit(CommitError::Merge {
-                            id: write.id,
-                            reason,
-                        })
-                    })?;
-                    (DocRow::new(write.space.clone()), doc)
-                }
+                None if write.created => (
+                    DocRow::new(write.space.clone()),
+                    with_changes(Automerge::new(), &write)?,
+                ),
                 None => return Err(RequestError::Commit(DocError::NotFound(write.id).into())),
                 Some(row) if row.heads() == write.base && write.clean => {
                     if let Some(cur) = from_batch {
@@ -748,14 +742,7 @@ fn prepare_local(
                         None => stored_doc(shared, tables, write.id, &row)
                             .map_err(|e| RequestError::Commit(e.into()))?,
                     };
-                    let mut doc = owned(current);
-                    contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
-                        RequestError::Commit(CommitError::Merge {
-                            id: write.id,
-                            reason,
-                        })
-                    })?;
-                    (row, doc)
+                    (row, with_changes(owned(current), &write)?)
                 }
             };
             let mut row = row;
@@ -784,6 +771,17 @@ fn prepare_local(
             Err(e)
         }
     }
+}
+
+/// `doc` with the changes of `write` applied, as for a concurrent replica.
+fn with_changes(mut doc: Automerge, write: &LocalWrite) -> Result<Automerge, RequestError> {
+    contain::apply(&mut doc, write.changes.clone()).map_err(|reason| {
+        RequestError::Commit(CommitError::Merge {
+            id: write.id,
+            reason,
+        })
+    })?;
+    Ok(doc)
 }
 
 fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {

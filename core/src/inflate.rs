@@ -120,11 +120,6 @@ impl Tally {
         Ok(())
     }
 
-    /// Bytes the compressed parts inflated to, so far.
-    pub fn inflated(&self) -> u64 {
-        self.used
-    }
-
     /// Inflates `data`, within what is left of the limit.
     fn inflate(&mut self, data: &[u8]) -> Result<Vec<u8>, InflateError> {
         let left = self.limit.saturating_sub(self.used);
@@ -193,45 +188,18 @@ fn change(body: &[u8], tally: &mut Tally) -> Result<(), InflateError> {
 /// a negative count and that many values, or 0 and a count of nulls.
 fn rows(spec: u64, data: &[u8], cap: u64) -> Result<u64, InflateError> {
     const BOOLEAN: u64 = 4;
-    const DELTA: u64 = 3;
-    const STRING: u64 = 5;
     const VALUE: u64 = 7;
     let kind = spec & 0b111;
+    if kind == VALUE {
+        return Ok(0);
+    }
     let mut r = Reader(data);
     let mut rows: u64 = 0;
     while !r.0.is_empty() {
-        let run = match kind {
-            VALUE => return Ok(0),
-            BOOLEAN => r.uleb()?,
-            _ => {
-                let count = r.sleb()?;
-                let values = match count {
-                    0 => 0,
-                    c if c > 0 => 1,
-                    c => c.unsigned_abs(),
-                };
-                // Each value takes a byte at least.
-                if values > r.0.len() as u64 {
-                    return Err(InflateError::Malformed("run"));
-                }
-                for _ in 0..values {
-                    match kind {
-                        STRING => {
-                            r.bytes()?;
-                        }
-                        DELTA => {
-                            r.sleb()?;
-                        }
-                        _ => {
-                            r.uleb()?;
-                        }
-                    }
-                }
-                match count {
-                    0 => r.uleb()?,
-                    c => c.unsigned_abs(),
-                }
-            }
+        let run = if kind == BOOLEAN {
+            r.uleb()?
+        } else {
+            run(&mut r, kind)?
         };
         rows = rows.saturating_add(run);
         if rows > cap {
@@ -239,6 +207,37 @@ fn rows(spec: u64, data: &[u8], cap: u64) -> Result<u64, InflateError> {
         }
     }
     Ok(rows)
+}
+
+/// One run of a run-length encoded column of type `kind`, read past its
+/// values: the rows it claims.
+fn run(r: &mut Reader<'_>, kind: u64) -> Result<u64, InflateError> {
+    const DELTA: u64 = 3;
+    const STRING: u64 = 5;
+    let count = r.sleb()?;
+    if count == 0 {
+        // A run of nulls, and its length.
+        return r.uleb();
+    }
+    let values = if count > 0 { 1 } else { count.unsigned_abs() };
+    // Each value takes a byte at least.
+    if values > r.0.len() as u64 {
+        return Err(InflateError::Malformed("run"));
+    }
+    for _ in 0..values {
+        match kind {
+            STRING => {
+                r.bytes()?;
+            }
+            DELTA => {
+                r.sleb()?;
+            }
+            _ => {
+                r.uleb()?;
+            }
+        }
+    }
+    Ok(count.unsigned_abs())
 }
 
 /// A document chunk's body: actors, heads, then the change and op column
@@ -298,28 +297,29 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
-    fn sleb(&mut self) -> Result<i64, InflateError> {
-        let mut value: i64 = 0;
-        for shift in (0..64).step_by(7) {
-            let byte = self.byte()?;
-            value |= i64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                if shift + 7 < 64 && byte & 0x40 != 0 {
-                    value |= -1i64 << (shift + 7);
-                }
-                return Ok(value);
-            }
-        }
-        Err(InflateError::Malformed("number too long"))
+    fn uleb(&mut self) -> Result<u64, InflateError> {
+        Ok(self.leb()?.0)
     }
 
-    fn uleb(&mut self) -> Result<u64, InflateError> {
+    fn sleb(&mut self) -> Result<i64, InflateError> {
+        let (value, bits) = self.leb()?;
+        // Sign-extended from the number's last bit.
+        let value = value as i64;
+        Ok(if bits < 64 && value >> (bits - 1) & 1 == 1 {
+            value | (-1i64 << bits)
+        } else {
+            value
+        })
+    }
+
+    /// A LEB128 number's bits, and how many bits it was written in.
+    fn leb(&mut self) -> Result<(u64, u32), InflateError> {
         let mut value: u64 = 0;
         for shift in (0..64).step_by(7) {
             let byte = self.byte()?;
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
-                return Ok(value);
+                return Ok((value, shift + 7));
             }
         }
         Err(InflateError::Malformed("number too long"))
@@ -459,6 +459,21 @@ mod tests {
         assert_eq!(
             check(&bomb, MAX_INFLATED_BYTES),
             Err(InflateError::TooManyOps { limit: MAX_OPS })
+        );
+        // What the replica does with it: refuses it, before automerge.
+        let replica = crate::Replica::in_memory().expect("replica");
+        let refused = replica.apply(
+            crate::Origin::Import,
+            vec![crate::Incoming {
+                id: crate::DocId::random(),
+                space: crate::DEFAULT_SPACE.into(),
+                data: crate::IncomingData::Changes(vec![bomb.clone()]),
+            }],
+        );
+        assert!(
+            matches!(&refused, Err(crate::ApplyError::InvalidData { reason, .. })
+                if reason.contains("operations")),
+            "{refused:?}"
         );
         // The limit counts everything one tally checks.
         let mut tally = Tally::default();

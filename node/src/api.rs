@@ -587,6 +587,17 @@ struct Patch {
     ops: Vec<Op>,
 }
 
+/// Applies `ops` to document `id` in `tx` as one change. After a contained
+/// automerge panic ([`OpError::Automerge`]) the transaction's working copy
+/// of the document is dropped: automerge may have left it damaged.
+fn edit(tx: &mut Transaction, id: DocId, ops: &[Op]) -> Result<Result<(), OpError>, TxError> {
+    let applied = tx.change(id, |d| Ok(ops::apply_ops(d, ops)))?;
+    if let Err(OpError::Automerge { .. }) = &applied {
+        tx.discard(id);
+    }
+    Ok(applied)
+}
+
 async fn patch_doc(
     State(api): State<Api>,
     Path(id): Path<String>,
@@ -597,12 +608,7 @@ async fn patch_doc(
     let node = api.node;
     let heads = blocking(move || {
         let mut tx = node.replica.begin()?;
-        let applied = tx.change(id, |d| Ok(ops::apply_ops(d, &patch.ops)))?;
-        if let Err(ops::OpError::Automerge { .. }) = &applied {
-            // automerge panicked: its working copy must not be reused.
-            tx.discard(id);
-        }
-        applied?;
+        edit(&mut tx, id, &patch.ops)??;
         let receipt = commit(&node, tx)?;
         match receipt.heads(id) {
             Some(heads) => Ok(heads.clone()),
@@ -696,13 +702,7 @@ async fn transact(
                     {
                         run.push(op);
                     }
-                    let applied = tx.change(doc, |d| Ok(ops::apply_ops(d, &run)))?;
-                    if let Err(ops::OpError::Automerge { .. }) = &applied {
-                        // automerge panicked: its working copy must not be
-                        // reused.
-                        tx.discard(doc);
-                    }
-                    applied.map_err(|e| e.at_op(i))?;
+                    edit(&mut tx, doc, &run)?.map_err(|e| e.at_op(i))?;
                     touched.push(doc);
                 }
             }
